@@ -1,0 +1,74 @@
+"""Save and load a strategy's state as safetensors + JSON (never pickle), atomically and verified.
+
+A state folder holds `strategy_state.safetensors` (adapter, program memory and strategy tensors)
+and `strategy_meta.json` (JSON-able metadata plus the sha256 of the tensor file). It is written
+into a temporary sibling folder and renamed into place, so a crash never leaves a half-written
+state that looks complete; a truncated or altered tensor file fails the hash check on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from procl.strategies import ContinualStrategy
+
+TENSORS_FILE = "strategy_state.safetensors"
+META_FILE = "strategy_meta.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory: str | Path) -> Path:
+    """Write the strategy's (tensors, metadata) into `directory`, replacing it atomically."""
+    directory = Path(directory)
+    tensors, meta = strategy.state(model)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file(tensors, str(staging / TENSORS_FILE))
+        meta = meta | {"tensors_sha256": _sha256(staging / TENSORS_FILE)}
+        try:
+            text = json.dumps(meta, indent=1, sort_keys=True)
+        except TypeError as error:
+            raise TypeError(f"{strategy.name} state metadata must be JSON-serialisable: {error}") from error
+        (staging / META_FILE).write_text(text)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = directory.with_name(f".{directory.name}.previous")
+    if directory.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+        directory.rename(previous)
+    staging.rename(directory)
+    shutil.rmtree(previous, ignore_errors=True)
+    return directory
+
+
+def load_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory: str | Path) -> dict:
+    """Verify and load a state folder into `model` (built by `strategy.build`); returns the metadata."""
+    directory = Path(directory)
+    tensors_path, meta_path = directory / TENSORS_FILE, directory / META_FILE
+    for path in (tensors_path, meta_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"strategy state {directory} is incomplete: {path.name} is missing")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{meta_path} is not valid JSON: {error}") from error
+    if _sha256(tensors_path) != meta.get("tensors_sha256"):
+        raise ValueError(f"{tensors_path} does not match the sha256 recorded in {meta_path.name}: truncated or altered")
+    strategy.restore_state(model, load_file(str(tensors_path)), meta)
+    return meta

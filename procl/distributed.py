@@ -1,0 +1,170 @@
+"""Data-parallel helpers: a mean all-reduce, and whole-parameter reads/writes under DeepSpeed.
+
+DeepSpeed keeps up to three copies of a trainable parameter: the tensor the forward reads
+(`param.data`, or the ZeRO-3 shard `param.ds_tensor`), a full or partitioned fp32 master copy
+that the optimizer updates, and the optimizer states. After every step the engine copies the
+master back over the model copy, so writing only `param.data` is silently undone by the next
+step. `read_full` / `write_full` go through the master copy and keep the model copy in sync.
+
+Only torch is imported here; deepspeed is imported inside the functions and only for parameters
+it manages, so `procl` imports (and these helpers work on plain parameters) without it.
+
+For a DeepSpeed-managed parameter both `read_full` and `write_full` are collective: every rank of
+the parameter's data-parallel group must call them, in the same order, `write_full` with the
+same value.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True when torch.distributed is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Mean of `tensor` over the ranks of `group` (default: all ranks) as a new tensor.
+
+    The input is left untouched. Floating-point inputs keep their dtype; integer and bool inputs
+    give float32 (a mean is rarely an integer). Without a multi-rank world this is a copy.
+    """
+    out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+    if not is_distributed():
+        return tensor.detach().to(out_dtype, copy=True)
+    # gloo cannot reduce bf16/fp16, and summing many low-precision values loses digits anyway.
+    work_dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    work = tensor.detach().to(work_dtype, copy=True)
+    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
+    work /= dist.get_world_size(group)
+    return work.to(out_dtype)
+
+
+def read_full(param: torch.nn.Parameter, *, engine: Any = None) -> torch.Tensor:
+    """A detached float32 copy of the whole parameter, as the optimizer sees it.
+
+    Plain parameter: its data. ZeRO-3: the gathered fp32 master (or the gathered model copy when
+    the optimizer holds no master for it, e.g. a frozen parameter). ZeRO-1/2 and BF16_Optimizer:
+    the fp32 master. ZeRO-0 with fp16/bf16 (FP16_UnfusedOptimizer) links no master to the
+    parameter, so pass `engine` (the DeepSpeed engine or its `.optimizer`) to read the master;
+    without it you get the low-precision model copy.
+    """
+    if hasattr(param, "ds_id"):
+        return _read_zero3(param)
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or BF16_Optimizer: fragments of an fp32 master
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        master = safe_get_full_fp32_param(param)  # all-reduces the ranks' fragments
+        if master is not None:
+            return _fp32_copy(master)
+    master = _zero0_master(param, engine)
+    return _fp32_copy(param.data if master is None else master)
+
+
+def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = None) -> None:
+    """Set the whole parameter to `value` for the next forward and past the next optimizer step.
+
+    `value` has the parameter's full (unpartitioned) shape. Under DeepSpeed every rank must call
+    this with the same value. For ZeRO-0 with fp16/bf16 pass `engine` (see `read_full`): without
+    it the fp32 master cannot be found from the parameter and the next step undoes the write.
+    Optimizer states (e.g. Adam moments) are left as they are.
+    """
+    full_shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 params look empty outside a gather
+    if tuple(value.shape) != tuple(full_shape):
+        raise ValueError(f"value has shape {tuple(value.shape)}, the parameter {tuple(full_shape)}")
+    value = value.detach()
+    if hasattr(param, "ds_id"):
+        _write_zero3(param, value)
+        return
+    if hasattr(param, "_hp_mapping"):  # ZeRO-1/2 or BF16_Optimizer
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        # Each rank writes the fragment of the master it owns (no communication).
+        safe_set_full_fp32_param(param, value.to(torch.float32))
+    else:
+        master = _zero0_master(param, engine)
+        if master is not None:
+            master.data.copy_(value)
+    # The model copy is whole on every rank here (ZeRO-1/2 partition only optimizer state).
+    param.data.copy_(value)
+
+
+def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to(torch.float32, copy=True)
+
+
+def _zero0_master(param: torch.nn.Parameter, engine: Any) -> torch.Tensor | None:
+    """The fp32 master of `param` kept by a ZeRO-0 fp16/bf16 optimizer wrapper, if any."""
+    optimizer = getattr(engine, "optimizer", engine)
+    lp_groups = getattr(optimizer, "fp16_groups", None)
+    if lp_groups is None:  # no wrapper (fp32 training): the parameter is what the optimizer steps
+        return None
+    if hasattr(optimizer, "fp32_groups_flat"):
+        # The fused FP16_Optimizer (DeepSpeed FusedAdam) keeps one flat master per group; its
+        # layout is not exposed, and it needs a compiled FusedAdam we cannot test here.
+        raise NotImplementedError(
+            "write_full/read_full: ZeRO stage 0 with fp16/bf16 and a fused FusedAdam optimizer "
+            "(FP16_Optimizer) is not supported; use a torch optimizer or ZeRO stage >= 1"
+        )
+    # FP16_UnfusedOptimizer: fp32_groups[i][j] is the master of fp16_groups[i][j].
+    for lp_group, hp_group in zip(lp_groups, optimizer.fp32_groups):
+        for lp, hp in zip(lp_group, hp_group):
+            if lp is param:
+                return hp
+    return None  # not optimized (e.g. frozen): the model copy is the only copy
+
+
+def _zero3_has_master(param: torch.nn.Parameter) -> bool:
+    """Whether the ZeRO-3 optimizer keeps an fp32 shard of `param` (it was trainable at init)."""
+    optimizer = getattr(param, "_z3_optimizer", None)
+    return optimizer is not None and optimizer.get_param_id(param) in getattr(optimizer, "grad_position", {})
+
+
+@contextmanager
+def _trainable(param: torch.nn.Parameter) -> Iterator[None]:
+    # DeepSpeed's ZeRO-3 master accessors silently do nothing for requires_grad=False, but a
+    # parameter frozen after the engine was built still has a master that each step copies back.
+    was = param.requires_grad
+    param.requires_grad_(True)
+    try:
+        yield
+    finally:
+        param.requires_grad_(was)
+
+
+def _read_zero3(param: torch.nn.Parameter) -> torch.Tensor:
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if _zero3_has_master(param):
+        with _trainable(param):
+            return _fp32_copy(safe_get_full_fp32_param(param))  # all-gathers the fp32 shards
+    with deepspeed.zero.GatheredParameters([param]):
+        return _fp32_copy(param.data)
+
+
+def _write_zero3(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    import deepspeed
+    from deepspeed import comm as ds_dist
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    if _zero3_has_master(param):
+        # Write this rank's fp32 shard. Not safe_set_full_fp32_param: in 0.19.8 it narrows the
+        # unpadded value by the padded shard size and fails on the last rank when the numel does
+        # not divide by the world size.
+        group = param.ds_process_group
+        rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
+        shard = param.partition_numel()
+        padded = torch.zeros(shard * world, dtype=torch.float32, device=value.device)
+        padded[: value.numel()] = value.flatten()
+        with _trainable(param):
+            safe_set_local_fp32_param(param, padded.narrow(0, rank * shard, shard))
+    # The model copy: gather, overwrite, and on exit rank 0's tensor is broadcast and re-sharded
+    # into ds_tensor (this also refreshes persistent parameters, which stay gathered).
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+        param.data.copy_(value)

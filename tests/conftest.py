@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny randomly initialised causal LMs (no downloads) and a tiny training loop."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    """2 layers, hidden 32, 4 heads (2 KV heads): q_proj 32->32, v_proj 32->16."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+def batch(seed: int, size: int = 4, length: int = 12, offset: int = 0) -> torch.Tensor:
+    """Token ids from a task-specific range so that different tasks look different to routing."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(offset, offset + VOCAB // 2, (size, length), generator=generator)
+
+
+def train_steps(model, strategy, steps: int, seed: int, lr: float = 1e-2, offset: int = 0) -> list[float]:
+    """A minimal loop through the strategy hooks, as the pipeline's worker loop runs them."""
+    model.train()
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, lr), weight_decay=0.0)
+    losses = []
+    for step in range(steps):
+        ids = batch(seed * 1000 + step, offset=offset)
+        loss = model(input_ids=ids, labels=ids).loss
+        extra = strategy.extra_loss(model)
+        if extra is not None:
+            loss = loss + extra
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        strategy.after_optimizer_step(model)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def run_task(model, strategy, task_index: int, steps: int = 4, lr: float = 1e-2) -> list[float]:
+    strategy.before_task(model, task_index)
+    losses = train_steps(model, strategy, steps, seed=task_index, lr=lr, offset=(task_index % 2) * (VOCAB // 2))
+    strategy.after_task(model, task_index, [f"example-{task_index}-{i}" for i in range(8)])
+    return losses
+
+
+@pytest.fixture
+def llama():
+    return tiny_llama()

@@ -1,0 +1,63 @@
+"""Continual-learning metrics on hand-computed accuracy matrices."""
+
+import math
+
+import pytest
+
+from procl import metrics
+
+# zero-shot row, then after tasks 1, 2, 3
+R = [
+    [0.10, 0.20, 0.30],
+    [0.80, 0.25, 0.35],
+    [0.60, 0.90, 0.40],
+    [0.50, 0.70, 0.95],
+]
+
+
+def test_average_accuracy_is_the_mean_of_the_last_row_over_seen_tasks():
+    assert metrics.average_accuracy(R) == pytest.approx((0.50 + 0.70 + 0.95) / 3)
+    assert metrics.average_accuracy(R[:3]) == pytest.approx((0.60 + 0.90) / 2)  # "so far", after task 2
+
+
+def test_average_incremental_accuracy():
+    aa = [0.80, (0.60 + 0.90) / 2, (0.50 + 0.70 + 0.95) / 3]
+    assert metrics.average_incremental_accuracy(R) == pytest.approx(sum(aa) / 3)
+
+
+def test_backward_transfer():
+    assert metrics.backward_transfer(R) == pytest.approx(((0.50 - 0.80) + (0.70 - 0.90)) / 2)
+    assert metrics.backward_transfer(R[:2]) == 0.0
+
+
+def test_forgetting_uses_the_best_earlier_score():
+    assert metrics.forgetting(R) == pytest.approx(((0.80 - 0.50) + (0.90 - 0.70)) / 2)
+    assert metrics.forgetting_per_task(R) == pytest.approx([0.30, 0.20])
+    rising = [[0, 0], [0.5, 0.1], [0.7, 0.9]]  # task 1 improved after task 2: nothing forgotten
+    assert metrics.forgetting(rising) == pytest.approx(-0.2)
+
+
+def test_forward_transfer_against_the_zero_shot_row():
+    assert metrics.forward_transfer(R) == pytest.approx(((0.25 - 0.20) + (0.40 - 0.30)) / 2)
+    unscored = [[0.1, 0.2], [0.8, math.nan], [0.6, 0.9]]
+    assert math.isnan(metrics.forward_transfer(unscored))
+
+
+def test_summary_has_every_metric():
+    assert set(metrics.summary(R)) == {
+        "average_accuracy", "average_incremental_accuracy", "backward_transfer", "forgetting", "forward_transfer",
+    }
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([[0.1, 0.2]], "at least one trained row"),
+        ([[0.1], [0.2], [0.3]], "2 trained rows but only 1 tasks"),
+        ([[0.1, math.nan], [0.5, 0.2]], "NaN where a score must exist"),
+        ([0.1, 0.2], "2-D"),
+    ],
+)
+def test_bad_matrices_are_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        metrics.average_accuracy(bad)

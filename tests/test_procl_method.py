@@ -1,0 +1,238 @@
+"""The ProCL method on tiny random Llama models: equations, lifecycle, consolidation, export."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import batch, run_task, tiny_llama, train_steps
+from peft.tuners.lora import LoraLayer
+
+from procl import LoraSettings, ProCLConfig, make_strategy
+from procl import equations as eq
+from procl import model as memory
+from procl.layer import ProgramFactor
+
+LORA = LoraSettings(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+
+
+def procl_strategy(**procl_options) -> object:
+    return make_strategy("procl", lora=LORA, seed=0, procl=ProCLConfig(**procl_options))
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(("lora_A.default.weight", "lora_B.default.weight"))}
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+# -- equations -----------------------------------------------------------------------------------
+
+
+def test_attention_sums_to_one_and_sharpens_as_tau_drops():
+    torch.manual_seed(0)
+    queries, keys = torch.randn(5, 4, 16), torch.randn(4, 4, 16)
+    entropies = []
+    for tau in (10.0, 1.0, 0.1):
+        a = eq.slot_attention(queries, keys, tau)
+        assert a.shape == (5, 4, 4)
+        torch.testing.assert_close(a.sum(-1), torch.ones(5, 4))
+        entropies.append(eq.routing_entropy(a).mean().item())
+    assert entropies[0] > entropies[1] > entropies[2]
+    assert entropies[0] < math.log(4) + 1e-6
+
+
+def test_reference_executing_factor_matches_block_formula():
+    torch.manual_seed(0)
+    w0, w = torch.randn(8, 3), torch.randn(8, 3)
+    alpha, gamma = torch.rand(4, 4), torch.tensor(0.7)
+    expected = torch.cat([gamma * w0[2 * h : 2 * h + 2] + sum(alpha[h, n] * w[2 * n : 2 * n + 2] for n in range(4)) for h in range(4)])
+    torch.testing.assert_close(eq.reference_executing_factor(w0, w, alpha, gamma), expected)
+
+
+def test_gamma_init_is_one_over_one_plus_rms():
+    w0 = torch.full((4, 4), 0.5)
+    assert torch.sigmoid(torch.tensor(eq.gamma_logit_init(w0))).item() == pytest.approx(1 / 1.5)
+
+
+def test_slot_plasticity_is_capped_at_one_for_the_top_slot():
+    attention = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    rho = eq.slot_plasticity(attention, torch.zeros(4))
+    torch.testing.assert_close(rho, torch.tensor([[1.0, 1 / 7, 1 / 7, 1 / 7], [1.0, 1.0, 1.0, 1.0]]))
+
+
+# -- lifecycle -----------------------------------------------------------------------------------
+
+
+def test_task_one_is_plain_lora_identical_to_seq_lora():
+    procl_model, seq_model = tiny_llama(), tiny_llama()
+    procl, seq = procl_strategy(), make_strategy("seq_lora", lora=LORA, seed=0)
+    procl_model, seq_model = procl.build(procl_model), seq.build(seq_model)
+    run_task(procl_model, procl, 0)
+    run_task(seq_model, seq, 0)
+    assert not memory.is_attached(procl_model)
+    for key, value in lora_weights(seq_model).items():
+        torch.testing.assert_close(lora_weights(procl_model)[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("formulation", ["residual", "reference"])
+def test_shapes_and_gradients_reach_lora_and_routing(formulation):
+    strategy = procl_strategy(formulation=formulation)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    assert sum(1 for _ in memory.program_factors(model)) == 2 * 2 * 2  # layers x (q, v) x (A, B)
+    model.train()
+    train_steps(model, strategy, 1, seed=5)  # residual routing gets gradient once W has moved from W0
+    model.train()
+    ids = batch(7)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.shape == (4, 12, 64)
+    out.loss.backward()
+    for _, factor in memory.program_factors(model):
+        assert factor.weight.grad is not None and factor.weight.grad.abs().sum() > 0
+    routing = memory.routing_parameters(model)
+    assert routing and all(p.grad is not None for p in routing)
+    assert sum(p.grad.abs().sum().item() for p in routing) > 0
+
+
+def test_residual_executing_adapter_equals_carried_adapter_at_task_switch():
+    strategy = procl_strategy(formulation="residual")
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0, steps=6)
+    ids = batch(99)
+    model.train()  # training mode: the carried adapter vs ...
+    before = logits(model, ids)
+    strategy.before_task(model, 1)
+    model.train()  # ... the executing adapter of the first step of task 2
+    after = logits(model, ids)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+def test_reference_formulation_changes_the_model_at_task_switch():
+    """The documented finding: gamma * W0 + alpha-mixed blocks is not the carried adapter."""
+    strategy = procl_strategy(formulation="reference")
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0, steps=6)
+    ids = batch(99)
+    before = logits(model.train(), ids)
+    strategy.before_task(model, 1)
+    after = logits(model.train(), ids)
+    assert (after - before).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("formulation", ["residual", "reference"])
+def test_consolidation_follows_the_ema_rule_exactly(formulation):
+    lam = 0.6
+    strategy = procl_strategy(formulation=formulation, ema_lambda=lam, consolidate_every=1000)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 3, seed=3)  # no consolidation yet (period 1000): W moved by Adam only
+    factors = dict(memory.program_factors(model))
+    stepped = {path: f.weight.detach().clone() for path, f in factors.items()}
+    memory.consolidate(model)
+    for path, factor in factors.items():
+        w, w0 = stepped[path], factor.w0
+        if formulation == "residual":
+            rho = factor.residual_router.synced[:4]
+            rho_rank = rho.repeat_interleave(2)  # r = 8, N = 4: two rank rows/cols per slot
+            scale = rho_rank[:, None] if factor.role == "A" else rho_rank[None, :]
+            expected = (1 - lam) * w + lam * (w0 + scale * (w - w0))
+        else:
+            alpha = factor.router.synced[:-1].reshape(4, 4)
+            gamma = torch.sigmoid(factor.router.gamma_logit.detach())
+            rows = w.shape[0] // 4
+            blocks = [gamma * w0[h * rows : (h + 1) * rows] + sum(alpha[h, n] * w[n * rows : (n + 1) * rows] for n in range(4)) for h in range(4)]
+            expected = (1 - lam) * w + lam * torch.cat(blocks)
+        torch.testing.assert_close(factor.weight.detach(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_routing_statistics_average_the_steps_since_the_last_consolidation():
+    strategy = procl_strategy(consolidate_every=3)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 3, seed=4)
+    stats = strategy.routing_statistics(model)
+    assert len(stats) == 4  # one residual router per LoRA layer
+    for layer_stats in stats.values():
+        assert sum(layer_stats["slot_usage"]) == pytest.approx(1.0, abs=1e-5)
+        assert 0 <= layer_stats["example_entropy"] <= math.log(4) + 1e-6
+        assert max(layer_stats["slot_plasticity"]) <= 1.0 + 1e-6
+
+
+def test_unrouted_slots_stay_untouched():
+    """Gates pinned so every input routes to slot 0: slots 1..3 of A (rank rows) and B (rank cols) keep W0."""
+    strategy = procl_strategy(protect_weight=0.0)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    for router in memory._routers(model):
+        router.gate_logits.data = torch.tensor([30.0, -30.0, -30.0, -30.0])
+        router.gate_logits.requires_grad_(False)
+    w0 = {path: f.w0.clone() for path, f in memory.program_factors(model)}
+    train_steps(model, strategy, 5, seed=11)
+    strategy.after_task(model, 1, [])
+    final = {f"{path}.{name}.default": getattr(layer, name)["default"].weight.detach() for path, layer in memory.lora_layers(model) for name in ("lora_A", "lora_B")}
+    for path, w in final.items():
+        is_a = path.endswith("lora_A.default")
+        moved, kept = (w[:2], w[2:]) if is_a else (w[:, :2], w[:, 2:])
+        moved0, kept0 = (w0[path][:2], w0[path][2:]) if is_a else (w0[path][:, :2], w0[path][:, 2:])
+        assert (moved - moved0).abs().max() > 1e-4  # slot 0 learned
+        torch.testing.assert_close(kept, kept0, rtol=0, atol=1e-8)  # the other slots were not written
+
+
+def test_protection_loss_steers_routing_away_from_slots_earlier_tasks_kept():
+    strategy = procl_strategy(protect_weight=1.0)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.slot_usage = {path: torch.tensor([1.0, 0.0, 0.0, 0.0]) for path, _ in memory.lora_layers(model)}
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 20, seed=12, lr=1e-3)
+    for stats in strategy.routing_statistics(model).values():
+        assert stats["slot_usage"][0] < 0.25 - 0.02
+
+
+def test_detach_restores_a_plain_peft_lora_model():
+    strategy = procl_strategy()
+    model = strategy.build(tiny_llama())
+    for t in range(3):
+        run_task(model, strategy, t)
+    assert not memory.is_attached(model)
+    for _, layer in memory.lora_layers(model):
+        assert type(layer.lora_A["default"]) is torch.nn.Linear and type(layer.lora_B["default"]) is torch.nn.Linear
+        assert not hasattr(layer, memory.ROUTER_ATTRIBUTE)
+    assert len(strategy.task_slot_usage) == 2 and set(strategy.slot_usage) == {p for p, _ in memory.lora_layers(model)}
+
+
+def test_eval_mode_mid_task_is_the_carried_plain_lora():
+    """No routing at inference: an attached model in eval mode computes exactly base + B W A with the carried W."""
+    strategy = procl_strategy()
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 3, seed=21)
+    ids = batch(5)
+    counts = [r.pending_count for r in memory._routers(model)]
+    out = logits(model.eval(), ids)
+    assert [r.pending_count for r in memory._routers(model)] == counts  # routers never ran
+    for _, layer in memory.lora_layers(model):
+        assert isinstance(layer.lora_A["default"], ProgramFactor)
+        layer.merge()  # peft's merge reads the carried W through get_delta_weight
+    torch.testing.assert_close(logits(model, ids), out, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_layers_found_on_gpt2_conv1d_too():
+    from conftest import tiny_gpt2
+
+    strategy = make_strategy("procl", lora=LoraSettings(r=4, target_modules=["c_attn"]), procl=ProCLConfig(num_slots=2))
+    model = strategy.build(tiny_gpt2())
+    run_task(model, strategy, 0, steps=2)
+    run_task(model, strategy, 1, steps=2)
+    assert sum(1 for _ in memory.lora_layers(model)) == 2
+    assert all(isinstance(layer, LoraLayer) for _, layer in memory.lora_layers(model))
