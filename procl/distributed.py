@@ -6,8 +6,8 @@ that the optimizer updates, and the optimizer states. After every step the engin
 master back over the model copy, so writing only `param.data` is silently undone by the next
 step. `read_full` / `write_full` go through the master copy and keep the model copy in sync.
 
-Only torch is imported here; deepspeed is imported inside the functions and only for parameters
-it manages, so `procl` imports (and these helpers work on plain parameters) without it.
+Only torch is imported here; deepspeed is imported inside the functions, and only for parameters
+it manages or when an engine is passed, so `procl` and plain parameters need no deepspeed.
 
 For a DeepSpeed-managed parameter both `read_full` and `write_full` are collective: every rank of
 the parameter's data-parallel group must call them, in the same order, `write_full` with the
@@ -85,7 +85,7 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = 
         from deepspeed.utils import safe_set_full_fp32_param
 
         # Each rank writes the fragment of the master it owns (no communication).
-        safe_set_full_fp32_param(param, value.to(torch.float32))
+        safe_set_full_fp32_param(param, value)
     else:
         master = _zero0_master(param, engine)
         if master is not None:
@@ -100,29 +100,37 @@ def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
 
 def _zero0_master(param: torch.nn.Parameter, engine: Any) -> torch.Tensor | None:
     """The fp32 master of `param` kept by a ZeRO-0 fp16/bf16 optimizer wrapper, if any."""
-    optimizer = getattr(engine, "optimizer", engine)
-    lp_groups = getattr(optimizer, "fp16_groups", None)
-    if lp_groups is None:  # no wrapper (fp32 training): the parameter is what the optimizer steps
+    if engine is None:
         return None
-    if hasattr(optimizer, "fp32_groups_flat"):
-        # The fused FP16_Optimizer (DeepSpeed FusedAdam) keeps one flat master per group; its
-        # layout is not exposed, and it needs a compiled FusedAdam we cannot test here.
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    wrappers = (FP16_Optimizer, FP16_UnfusedOptimizer)
+    # The wrappers have an `.optimizer` too (the torch one), so test the argument itself first.
+    optimizer = engine if isinstance(engine, wrappers) else getattr(engine, "optimizer", None)
+    if isinstance(optimizer, FP16_Optimizer):
+        # The fused wrapper (DeepSpeed FusedAdam) keeps one flat master per group; supporting it
+        # needs a compiled FusedAdam to test against.
         raise NotImplementedError(
-            "write_full/read_full: ZeRO stage 0 with fp16/bf16 and a fused FusedAdam optimizer "
+            "read_full/write_full: ZeRO stage 0 with fp16/bf16 and DeepSpeed's FusedAdam "
             "(FP16_Optimizer) is not supported; use a torch optimizer or ZeRO stage >= 1"
         )
-    # FP16_UnfusedOptimizer: fp32_groups[i][j] is the master of fp16_groups[i][j].
-    for lp_group, hp_group in zip(lp_groups, optimizer.fp32_groups):
+    if not isinstance(optimizer, FP16_UnfusedOptimizer):
+        return None  # fp32 ZeRO-0 (the parameter is what the optimizer steps) or ZeRO >= 1
+    # fp32_groups[i][j] is the master of fp16_groups[i][j] (the wrapper's name for bf16 too).
+    for lp_group, hp_group in zip(optimizer.fp16_groups, optimizer.fp32_groups):
         for lp, hp in zip(lp_group, hp_group):
             if lp is param:
                 return hp
-    return None  # not optimized (e.g. frozen): the model copy is the only copy
+    return None  # not optimized (frozen): the model copy is the only copy
 
 
 def _zero3_has_master(param: torch.nn.Parameter) -> bool:
     """Whether the ZeRO-3 optimizer keeps an fp32 shard of `param` (it was trainable at init)."""
     optimizer = getattr(param, "_z3_optimizer", None)
-    return optimizer is not None and optimizer.get_param_id(param) in getattr(optimizer, "grad_position", {})
+    if optimizer is None:
+        return False
+    return optimizer.get_param_id(param) in getattr(optimizer, "grad_position", {})
 
 
 @contextmanager
@@ -165,6 +173,7 @@ def _write_zero3(param: torch.nn.Parameter, value: torch.Tensor) -> None:
         with _trainable(param):
             safe_set_local_fp32_param(param, padded.narrow(0, rank * shard, shard))
     # The model copy: gather, overwrite, and on exit rank 0's tensor is broadcast and re-sharded
-    # into ds_tensor (this also refreshes persistent parameters, which stay gathered).
+    # into ds_tensor. Writing ds_tensor alone would miss "persistent" (small) parameters, which
+    # stay gathered between forwards; this re-shards them too and they are gathered on next use.
     with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
         param.data.copy_(value)

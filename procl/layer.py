@@ -14,7 +14,7 @@ methods) so that DeepSpeed ZeRO-3 gathers their partitioned parameters in its fo
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -123,12 +123,13 @@ class ResidualRouter(_RoutingStatistics):
 class ReferenceRouter(_RoutingStatistics):
     """One per replaced factor (reference formulation): N queries, one per row block h.
 
-    Statistic layout: [alpha (H*N), mean per-example entropy (1)].
+    Statistic layout: [alpha (H*N), mean per-example entropy (1), gamma (1)]. Gamma is recorded
+    from the forward passes, so consolidation and diagnostics need no collective parameter read.
     """
 
     def __init__(self, d_in: int, w0: torch.Tensor, config: ProCLConfig) -> None:
         n = config.num_slots
-        super().__init__(n * n + 1)
+        super().__init__(n * n + 2)
         self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
         self.encoder = query_encoder(d_in, config.key_dim, n)
         self.keys = nn.Parameter(torch.randn(n, n, config.key_dim) * 0.01)
@@ -141,21 +142,25 @@ class ReferenceRouter(_RoutingStatistics):
         attention = eq.slot_attention(queries, self.keys, self.tau)
         alpha = eq.slot_weights(attention, self.gate_logits)
         entropy = eq.routing_entropy(attention).mean().reshape(1)
-        self.record(torch.cat([alpha.reshape(-1), entropy]))
-        return alpha, torch.sigmoid(self.gamma_logit)
+        gamma = torch.sigmoid(self.gamma_logit)
+        self.record(torch.cat([alpha.reshape(-1), entropy, gamma.reshape(1)]))
+        return alpha, gamma
 
     def mean_alpha(self) -> torch.Tensor:
-        return self.synced[:-1].reshape(self.num_slots, self.num_slots)
+        return self.synced[: self.num_slots**2].reshape(self.num_slots, self.num_slots)
+
+    def mean_gamma(self) -> torch.Tensor:
+        return self.synced[-1]
 
     def statistics(self) -> dict[str, object]:
         stat = self.synced if self.synced is not None else self.pending()
-        alpha = stat[:-1].reshape(self.num_slots, self.num_slots)
+        alpha = stat[: self.num_slots**2].reshape(self.num_slots, self.num_slots)
         usage = alpha.sum(dim=0) / alpha.sum().clamp_min(1e-12)
         return {
             "slot_usage": usage.tolist(),
             "usage_entropy": float(eq.routing_entropy(usage)),
-            "example_entropy": float(stat[-1]),
-            "gamma": float(torch.sigmoid(read_full(self.gamma_logit))),
+            "example_entropy": float(stat[-2]),
+            "gamma": float(stat[-1]),
         }
 
 
@@ -238,26 +243,28 @@ class ProgramFactor(nn.Module):
         """W_exec from the synced routing statistics of the steps since the last consolidation."""
         w0 = self.w0.to(weight.dtype)
         if self.formulation == "reference":
-            gamma = torch.sigmoid(read_full(self.router.gamma_logit))
-            return eq.reference_executing_factor(w0, weight, self.router.mean_alpha(), gamma)
+            return eq.reference_executing_factor(w0, weight, self.router.mean_alpha(), self.router.mean_gamma())
         rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), weight.shape[self.rank_dim])
         return eq.residual_executing_factor(w0, weight, rho_rank, self.rank_dim)
 
     @torch.no_grad()
-    def consolidate(self) -> None:
-        """W <- (1 - lambda) W + lambda stopgrad(W_exec); identical on every rank (synced statistics)."""
-        weight = read_full(self.weight)
-        write_full(self.weight, eq.consolidate(weight, self.executing_weight(weight), self.ema_lambda))
+    def consolidate(self, engine: Any = None) -> None:
+        """W <- (1 - lambda) W + lambda stopgrad(W_exec); identical on every rank (synced statistics).
+
+        engine: the DeepSpeed engine, needed only for ZeRO-0 with bf16/fp16 (see procl.distributed).
+        """
+        weight = read_full(self.weight, engine=engine)
+        write_full(self.weight, eq.consolidate(weight, self.executing_weight(weight), self.ema_lambda), engine=engine)
 
     @torch.no_grad()
-    def fold_task(self) -> None:
+    def fold_task(self, engine: Any = None) -> None:
         """Residual, at task end: W <- W0 + rho_task ⊙ (W - W0), the executing adapter at the task's mean routing."""
         if self.formulation != "residual":
             return
-        weight = read_full(self.weight)
+        weight = read_full(self.weight, engine=engine)
         rho_task = self.residual_router.task_mean()[: self.residual_router.num_slots]
         rho_rank = eq.expand_slots_to_rank(rho_task, weight.shape[self.rank_dim])
-        write_full(self.weight, eq.residual_executing_factor(self.w0.to(weight.dtype), weight, rho_rank, self.rank_dim))
+        write_full(self.weight, eq.residual_executing_factor(self.w0.to(weight.dtype), weight, rho_rank, self.rank_dim), engine=engine)
 
     def to_linear(self) -> nn.Module:
         """Back to a plain nn.Linear holding the same Parameter (or, with the reference MLP, a bare MLP factor)."""

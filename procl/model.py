@@ -12,6 +12,7 @@ Between tasks the model is an ordinary `peft.PeftModel`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
@@ -102,30 +103,34 @@ def _sync_routing(model: nn.Module) -> bool:
     return True
 
 
-def consolidate(model: nn.Module) -> None:
+def consolidate(model: nn.Module, engine: Any = None) -> None:
     """One consolidation: W <- (1 - lambda) W + lambda stopgrad(W_exec) in every program factor.
 
     Collective when torch.distributed is initialised: every rank must call it at the same step.
+    engine: the DeepSpeed engine training `model` (needed only for ZeRO-0 with bf16/fp16, whose
+    fp32 master copies cannot be found from the parameters).
     """
     if not _sync_routing(model):
         return
     for _, factor in program_factors(model):
-        factor.consolidate()
+        factor.consolidate(engine)
 
 
-def detach_program_memory(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+def detach_program_memory(
+    model: nn.Module, adapter_name: str = "default", engine: Any = None
+) -> dict[str, torch.Tensor]:
     """End the task: consolidate what is pending, fold (residual), restore plain factors.
 
     Returns, per layer path, the task's mean slot plasticity (residual; empty for reference),
     which the next task's protection loss uses as earlier usage.
     """
-    consolidate(model)
+    consolidate(model, engine)
     usage: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model, adapter_name):
         for factors in (layer.lora_A, layer.lora_B):
             factor = factors[adapter_name]
             if isinstance(factor, ProgramFactor):
-                factor.fold_task()
+                factor.fold_task(engine)
                 factors[adapter_name] = factor.to_linear()
         router = getattr(layer, ROUTER_ATTRIBUTE, None)
         if router is not None:

@@ -6,8 +6,8 @@ A training loop drives every strategy through the same hooks and never asks whic
     strategy.before_task(model, t)                   # t = 0, 1, ... (0-based task index)
     examples = strategy.training_examples(t, examples)
     optimizer over strategy.param_groups(model, lr)
-    for each batch: loss = task_loss + (strategy.extra_loss(model) or 0); step; strategy.after_optimizer_step(model)
-    strategy.after_task(model, t, examples)
+    for each batch: loss = task_loss + (strategy.extra_loss(model) or 0); step; strategy.after_optimizer_step(model, engine)
+    strategy.after_task(model, t, examples, engine)
     strategy.export(model, directory)                # a plain peft LoRA adapter
 
 State that must survive a process boundary (next task, resume) goes through `state()` and
@@ -72,10 +72,10 @@ class ContinualStrategy:
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
-        pass
+    def after_optimizer_step(self, model: nn.Module, engine: Any = None) -> None:
+        """After every optimizer step; `engine` is the DeepSpeed engine when one trains the model."""
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any]) -> None:
+    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
         self.in_task = False
 
     # -- export and state ----------------------------------------------------------------------
@@ -140,8 +140,8 @@ class ReplayLoRA(ContinualStrategy):
         random.Random(self.seed + task_index).shuffle(mixed)
         return mixed
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any]) -> None:
-        super().after_task(model, task_index, examples)
+    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
+        super().after_task(model, task_index, examples, engine)
         rng = random.Random(self.seed * 1000 + task_index)
         self.buffer += rng.sample(list(examples), min(self.buffer_per_task, len(examples)))
 
@@ -175,8 +175,8 @@ class MultitaskLoRA(ContinualStrategy):
         random.Random(self.seed + task_index).shuffle(joint)
         return joint
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any]) -> None:
-        super().after_task(model, task_index, examples)
+    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
+        super().after_task(model, task_index, examples, engine)
         self.seen += list(examples)
 
     def state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -305,19 +305,19 @@ class ProCL(ContinualStrategy):
         loss = memory.protection_loss(model)
         return None if loss is None else self.config.protect_weight * loss
 
-    def after_optimizer_step(self, model: nn.Module) -> None:
+    def after_optimizer_step(self, model: nn.Module, engine: Any = None) -> None:
         if not memory.is_attached(model):
             return
         self.steps_since_consolidation += 1
         if self.steps_since_consolidation >= self.config.consolidate_every:
-            memory.consolidate(model)
+            memory.consolidate(model, engine)
             self.steps_since_consolidation = 0
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any]) -> None:
-        super().after_task(model, task_index, examples)
+    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
+        super().after_task(model, task_index, examples, engine)
         if not memory.is_attached(model):
             return
-        usage = memory.detach_program_memory(model, DEFAULT_ADAPTER)
+        usage = memory.detach_program_memory(model, DEFAULT_ADAPTER, engine)
         self.task_slot_usage.append({path: u.tolist() for path, u in usage.items()})
         finished = len(self.task_slot_usage)
         for path, u in usage.items():  # running mean over the ProCL tasks so far

@@ -17,16 +17,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from procl import LoraSettings, ProCLConfig, make_strategy, metrics
 
-VOCAB, LENGTH, CUE, LABELS = 64, 8, 0, (1, 2)
-BLOCK = (VOCAB - 8) // 4
-TASK_MARKERS = (3, 4, 5, 6)
+VOCAB, LENGTH, CUE = 64, 8, 0
+BLOCK = 12
+TASK_MARKERS = (1, 2, 3, 4)
+VERBALIZERS = ((56, 57), (58, 59), (60, 61), (62, 63))  # each task its own label words, as in real streams
 
 
 def task_examples(task: int, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task t: class c inputs draw their tokens from vocabulary block (t + c) mod 4.
+    """Task t: class c inputs draw their tokens from vocabulary block (t + c) mod 4 of tokens 8..55.
 
-    Neighbouring tasks give the same block opposite labels, so only the task marker tells them
-    apart: training task t+1 naively overwrites task t, which is what a continual learner must avoid.
+    Neighbouring tasks see the same block with opposite classes, so learning task t+1 pulls the
+    shared representation against task t: naive sequential training forgets.
     """
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, 2, (count,), generator=generator)
@@ -37,15 +38,16 @@ def task_examples(task: int, count: int, seed: int) -> tuple[torch.Tensor, torch
     return torch.cat([marker, body, cue], dim=1), labels
 
 
-def loss_on_label(model, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids).logits[:, -1]
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(LABELS)[labels])
+def loss_on_answer(model, ids: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the answer token (the label's verbalizer) after the cue."""
+    return torch.nn.functional.cross_entropy(model(input_ids=ids).logits[:, -1], answers)
 
 
 @torch.no_grad()
-def accuracy(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+def accuracy(model, task: int, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Label scoring: argmax over the task's own verbalizers."""
     model.eval()
-    scores = model(input_ids=ids).logits[:, -1][:, list(LABELS)]
+    scores = model(input_ids=ids).logits[:, -1][:, list(VERBALIZERS[task])]
     return (scores.argmax(-1) == labels).float().mean().item()
 
 
@@ -60,7 +62,7 @@ def run_chain(name: str, tasks: int, steps: int, lr: float, seed: int) -> list[l
     strategy = make_strategy(name, lora=lora, seed=seed, **options)
     model = strategy.build(base)
     evaluation = [task_examples(t, 256, seed=10_000 + t) for t in range(tasks)]
-    matrix = [[accuracy(model, *evaluation[t]) for t in range(tasks)]]
+    matrix = [[accuracy(model, t, *evaluation[t]) for t in range(tasks)]]
     train_sets = [task_examples(t, steps * 16, seed=seed * 100 + t) for t in range(tasks)]
     for task in range(tasks):
         strategy.before_task(model, task)
@@ -71,8 +73,8 @@ def run_chain(name: str, tasks: int, steps: int, lr: float, seed: int) -> list[l
         for step in range(steps):
             refs = examples[(step * 16) % len(examples) :][:16]
             ids = torch.stack([train_sets[t][0][i] for t, i in refs])
-            labels = torch.stack([train_sets[t][1][i] for t, i in refs])
-            loss = loss_on_label(model, ids, labels)
+            answers = torch.tensor([VERBALIZERS[t][train_sets[t][1][i]] for t, i in refs])
+            loss = loss_on_answer(model, ids, answers)
             extra = strategy.extra_loss(model)
             loss = loss if extra is None else loss + extra
             optimizer.zero_grad()
@@ -80,7 +82,7 @@ def run_chain(name: str, tasks: int, steps: int, lr: float, seed: int) -> list[l
             optimizer.step()
             strategy.after_optimizer_step(model)
         strategy.after_task(model, task, own)
-        matrix.append([accuracy(model, *evaluation[t]) for t in range(tasks)])
+        matrix.append([accuracy(model, t, *evaluation[t]) for t in range(tasks)])
     return matrix
 
 

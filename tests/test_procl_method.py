@@ -144,8 +144,7 @@ def test_consolidation_follows_the_ema_rule_exactly(formulation):
             scale = rho_rank[:, None] if factor.role == "A" else rho_rank[None, :]
             expected = (1 - lam) * w + lam * (w0 + scale * (w - w0))
         else:
-            alpha = factor.router.synced[:-1].reshape(4, 4)
-            gamma = torch.sigmoid(factor.router.gamma_logit.detach())
+            alpha, gamma = factor.router.synced[:16].reshape(4, 4), factor.router.synced[-1]
             rows = w.shape[0] // 4
             blocks = [gamma * w0[h * rows : (h + 1) * rows] + sum(alpha[h, n] * w[n * rows : (n + 1) * rows] for n in range(4)) for h in range(4)]
             expected = (1 - lam) * w + lam * torch.cat(blocks)
@@ -236,3 +235,14 @@ def test_lora_layers_found_on_gpt2_conv1d_too():
     run_task(model, strategy, 1, steps=2)
     assert sum(1 for _ in memory.lora_layers(model)) == 2
     assert all(isinstance(layer, LoraLayer) for _, layer in memory.lora_layers(model))
+
+
+def test_routing_learns_input_dependent_slot_choices():
+    """Entropy of per-input routing falls clearly below log N (uniform) within one short task."""
+    strategy = procl_strategy()
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0, steps=6)
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 30, seed=1, offset=32)
+    entropies = [s["example_entropy"] for s in strategy.routing_statistics(model).values()]
+    assert sum(entropies) / len(entropies) < math.log(4) - 0.1
