@@ -134,7 +134,8 @@ class ReferenceRouter(_RoutingStatistics):
         self.encoder = query_encoder(d_in, config.key_dim, n)
         self.keys = nn.Parameter(torch.randn(n, n, config.key_dim) * 0.01)
         self.gate_logits = nn.Parameter(torch.zeros(n))
-        self.gamma_logit = nn.Parameter(torch.tensor(eq.gamma_logit_init(w0)))
+        # shape (1,), not a scalar: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.gamma_logit = nn.Parameter(torch.tensor([eq.gamma_logit_init(w0)]))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha (H, N), gamma) for the executing factor of this batch."""
@@ -143,8 +144,8 @@ class ReferenceRouter(_RoutingStatistics):
         alpha = eq.slot_weights(attention, self.gate_logits)
         entropy = eq.routing_entropy(attention).mean().reshape(1)
         gamma = torch.sigmoid(self.gamma_logit)
-        self.record(torch.cat([alpha.reshape(-1), entropy, gamma.reshape(1)]))
-        return alpha, gamma
+        self.record(torch.cat([alpha.reshape(-1), entropy, gamma]))
+        return alpha, gamma[0]
 
     def mean_alpha(self) -> torch.Tensor:
         return self.synced[: self.num_slots**2].reshape(self.num_slots, self.num_slots)

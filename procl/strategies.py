@@ -26,6 +26,7 @@ from torch import nn
 
 from procl import model as memory
 from procl.config import LoraSettings, ProCLConfig
+from procl.distributed import read_full
 from procl.export import export_adapter
 
 DEFAULT_ADAPTER = "default"
@@ -38,6 +39,11 @@ def _check_targets(base_model: nn.Module, lora: LoraSettings) -> None:
     missing = [t for t in lora.target_modules if t not in leaf_names]
     if missing:
         raise ValueError(f"lora.target_modules {missing} do not exist in the model; its layers are: {sorted(leaf_names)}")
+
+
+def _is_strategy_tensor(name: str) -> bool:
+    """Adapter factors, program memory and routers: what a strategy's state holds (not the base model)."""
+    return "lora_" in name or memory.ROUTER_ATTRIBUTE in name
 
 
 class ContinualStrategy:
@@ -84,12 +90,13 @@ class ContinualStrategy:
         return export_adapter(model, directory, DEFAULT_ADAPTER)
 
     def state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, metadata) that `restore_state` needs to rebuild this exact point of the chain."""
-        tensors = {
-            name: tensor.detach().cpu().contiguous()
-            for name, tensor in model.state_dict().items()
-            if "lora_" in name or memory.ROUTER_ATTRIBUTE in name
-        }
+        """(tensors, metadata) that `restore_state` needs to rebuild this exact point of the chain.
+
+        Parameters are read whole and at master precision (gathered under ZeRO-3): collective
+        under DeepSpeed, so every rank calls it.
+        """
+        tensors = {name: read_full(p).cpu() for name, p in model.named_parameters() if _is_strategy_tensor(name)}
+        tensors |= {name: b.detach().cpu().contiguous() for name, b in model.named_buffers() if _is_strategy_tensor(name)}
         meta = {"strategy": self.name, "task_index": self.task_index, "in_task": self.in_task, "seed": self.seed}
         return tensors, meta
 
@@ -103,7 +110,7 @@ class ContinualStrategy:
             self.before_task(model, meta["task_index"])
         self.task_index, self.in_task = meta["task_index"], meta["in_task"]
         result = model.load_state_dict(tensors, strict=False)
-        expected = {k for k in model.state_dict() if "lora_" in k or memory.ROUTER_ATTRIBUTE in k}
+        expected = {k for k in model.state_dict() if _is_strategy_tensor(k)}
         missing = sorted(expected & set(result.missing_keys))
         if missing or result.unexpected_keys:
             raise ValueError(
