@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from procl.atomic import atomic_directory
 from procl.strategies import ContinualStrategy
 
 TENSORS_FILE = "strategy_state.safetensors"
@@ -35,9 +34,7 @@ def save_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory
     """Write the strategy's (tensors, metadata) into `directory`, replacing it atomically."""
     directory = Path(directory)
     tensors, meta = strategy.state(model)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         save_file(tensors, str(staging / TENSORS_FILE))
         meta = meta | {"tensors_sha256": _sha256(staging / TENSORS_FILE)}
         try:
@@ -45,15 +42,6 @@ def save_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory
         except TypeError as error:
             raise TypeError(f"{strategy.name} state metadata must be JSON-serialisable: {error}") from error
         (staging / META_FILE).write_text(text)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = directory.with_name(f".{directory.name}.previous")
-    if directory.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        directory.rename(previous)
-    staging.rename(directory)
-    shutil.rmtree(previous, ignore_errors=True)
     return directory
 
 

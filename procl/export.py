@@ -2,15 +2,13 @@
 
 The folder holds `adapter_config.json` and `adapter_model.safetensors` with peft's own key layout
 (`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`), so vanilla peft loads it with
-`PeftModel.from_pretrained` in a process that never imports procl. It is written into a temporary
-folder and renamed into place, so an interrupted export never leaves a half-written adapter.
+`PeftModel.from_pretrained` in a process that never imports procl. It is written atomically
+(`procl.atomic`): an interrupted export never leaves a half-written adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
+from procl.atomic import atomic_directory
 from procl.distributed import read_full
 from procl.layer import MLPFactor, ProgramFactor
 
@@ -46,19 +45,7 @@ def export_adapter(model: PeftModel, directory: str | Path, adapter_name: str) -
     directory = Path(directory)
     state = plain_lora_state_dict(model, adapter_name)
     config = dataclasses.replace(model.peft_config[adapter_name], inference_mode=True)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as staging:
         config.save_pretrained(str(staging))
         save_file(state, str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    # swap in: the old adapter (if any) stays complete until the new one is in place
-    previous = directory.with_name(f".{directory.name}.previous")
-    if directory.exists():
-        shutil.rmtree(previous, ignore_errors=True)
-        directory.rename(previous)
-    staging.rename(directory)
-    shutil.rmtree(previous, ignore_errors=True)
     return directory
