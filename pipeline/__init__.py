@@ -1,0 +1,4 @@
+"""The Ray-distributed continual-learning chain: streams, models, preprocessing, training, evaluation, tracking.
+
+Orchestration only: the method itself lives in `procl`.
+"""
