@@ -22,7 +22,7 @@ TENSORS_FILE = "strategy_state.safetensors"
 META_FILE = "strategy_meta.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -32,15 +32,21 @@ def _sha256(path: Path) -> str:
 
 def save_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory: str | Path) -> Path:
     """Write the strategy's (tensors, metadata) into `directory`, replacing it atomically."""
-    directory = Path(directory)
     tensors, meta = strategy.state(model)
+    return write_state(directory, tensors, meta)
+
+
+def write_state(directory: str | Path, tensors: dict, meta: dict) -> Path:
+    """Write (tensors, metadata) from `strategy.state` atomically. Under data parallelism every rank
+    calls `state` (it is collective) and one rank calls this."""
+    directory = Path(directory)
     with atomic_directory(directory) as staging:
         save_file(tensors, str(staging / TENSORS_FILE))
-        meta = meta | {"tensors_sha256": _sha256(staging / TENSORS_FILE)}
+        meta = meta | {"tensors_sha256": sha256_file(staging / TENSORS_FILE)}
         try:
             text = json.dumps(meta, indent=1, sort_keys=True)
         except TypeError as error:
-            raise TypeError(f"{strategy.name} state metadata must be JSON-serialisable: {error}") from error
+            raise TypeError(f"{meta.get('strategy')} state metadata must be JSON-serialisable: {error}") from error
         (staging / META_FILE).write_text(text)
     return directory
 
@@ -56,7 +62,7 @@ def load_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{meta_path} is not valid JSON: {error}") from error
-    if _sha256(tensors_path) != meta.get("tensors_sha256"):
+    if sha256_file(tensors_path) != meta.get("tensors_sha256"):
         raise ValueError(f"{tensors_path} does not match the sha256 recorded in {meta_path.name}: truncated or altered")
     strategy.restore_state(model, load_file(str(tensors_path)), meta)
     return meta

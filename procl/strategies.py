@@ -123,7 +123,12 @@ class ContinualStrategy:
     ) -> dict[str, torch.Tensor]:
         """Restore the strategy's own state, recreate the adapters/modules the saved model has beyond
         what `build` makes, and return the tensors that belong to the model."""
+        self.load_data_state(meta)
         return tensors
+
+    def load_data_state(self, meta: dict[str, Any]) -> None:
+        """Restore only what `training_examples` needs (no model): a driver that prepares a task's
+        data in another process than training calls this with the previous task's metadata."""
 
 
 class SeqLoRA(ContinualStrategy):
@@ -156,9 +161,8 @@ class ReplayLoRA(ContinualStrategy):
         tensors, meta = super().state(model)
         return tensors, meta | {"buffer": self.buffer, "buffer_per_task": self.buffer_per_task}
 
-    def _restore_strategy(self, model: PeftModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def load_data_state(self, meta: dict[str, Any]) -> None:
         self.buffer, self.buffer_per_task = list(meta["buffer"]), meta["buffer_per_task"]
-        return tensors
 
 
 class MultitaskLoRA(ContinualStrategy):
@@ -190,9 +194,8 @@ class MultitaskLoRA(ContinualStrategy):
         tensors, meta = super().state(model)
         return tensors, meta | {"seen": self.seen}
 
-    def _restore_strategy(self, model: PeftModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def load_data_state(self, meta: dict[str, Any]) -> None:
         self.seen = list(meta["seen"])
-        return tensors
 
 
 class IncLoRA(ContinualStrategy):
@@ -253,7 +256,7 @@ class IncLoRA(ContinualStrategy):
 
     def _restore_strategy(self, model: PeftModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         self._ensure_adapters(model, meta["num_adapters"])
-        return tensors
+        return super()._restore_strategy(model, tensors, meta)
 
 
 class OLoRA(IncLoRA):

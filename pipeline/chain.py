@@ -1,0 +1,268 @@
+"""The chain driver: for each task, preprocess (Ray Data), train (Ray Train + DeepSpeed), evaluate, record.
+
+One Ray cluster serves the whole chain. The driver holds no model: training runs in Ray Train
+workers, evaluation and export in Ray tasks that load the model where the resources are (a GPU
+node on a cluster). Progress is in the run folder's manifest, so a re-submitted chain (same
+run_name) skips finished tasks and continues from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pipeline.config import RunConfig
+from pipeline.manifest import Manifest, TaskRecord
+from pipeline.streams import Task, check_answers_tokenize, load_stream
+from procl import make_strategy, metrics
+from procl.atomic import atomic_directory
+from procl.checkpoint import META_FILE, TENSORS_FILE, load_strategy_state, sha256_file
+
+console = Console()
+
+
+@dataclass
+class ChainResult:
+    run_dir: Path
+    matrix: list[list[float]]
+    summary: dict[str, float]
+    adapter_dir: Path | None
+    tracking_uri: str
+    mlflow_run_id: str | None
+
+
+# -- work that runs in Ray tasks (it needs the model) ----------------------------------------------
+
+
+def _load_trained(config: RunConfig, state_dir: str | None):
+    """(model, tokenizer, strategy) at a checkpoint, or the base model for the zero-shot row."""
+    from pipeline.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    if state_dir is not None:
+        model = strategy.build(model)
+        load_strategy_state(strategy, model, state_dir)
+    return model, tokenizer, strategy
+
+
+def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], threads: int) -> dict[str, dict[str, float]]:
+    """{split: {task: score}} on the validation and test splits of `tasks`."""
+    import torch
+
+    from pipeline.evaluation import score_task
+
+    torch.set_num_threads(threads)
+    config = RunConfig.model_validate(config_data)
+    model, tokenizer, strategy = _load_trained(config, state_dir)
+    if state_dir is not None and not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp):
+        model = model.merge_and_unload()  # a plain LoRA: evaluate exactly what inference will run
+    scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+    for task in tasks:
+        for split in scores:
+            scores[split][task.name] = score_task(
+                model, tokenizer, task.prompts(split), task.targets(split), task.metric,
+                task.answers or None, config.evaluation.batch_size,
+            )
+    return scores
+
+
+def export_state(config_data: dict, state_dir: str, out_dir: str) -> str:
+    config = RunConfig.model_validate(config_data)
+    model, _, strategy = _load_trained(config, state_dir)
+    return str(strategy.export(model, out_dir))
+
+
+# -- the driver ------------------------------------------------------------------------------------
+
+
+def select_tasks(config: RunConfig) -> list[Task]:
+    tasks = load_stream(config.stream.path, config.stream.order)
+    return tasks[: config.stream.max_tasks] if config.stream.max_tasks else tasks
+
+
+def init_ray(config: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # a local cluster binds loopback and skips the dashboard; `ray job submit` passes address="auto"
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if config.ray.address is None:
+        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=config.ray.address)
+
+
+def steps_per_task(config: RunConfig, task: Task) -> int:
+    per_step = config.training.batch_size * config.scaling.num_workers * config.training.gradient_accumulation
+    return config.training.epochs * (len(task.splits["train"]) // per_step)
+
+
+def _tokenizer_factory(config: RunConfig):
+    from pipeline.models import load_tokenizer
+
+    return partial(load_tokenizer, config.model)
+
+
+def _train(config: RunConfig, task_index: int, task: Task, examples: list, previous_state: Path | None):
+    """One Ray Train fit() for one task; returns the final checkpoint's folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.preprocess import tokenized_dataset
+    from pipeline.train_worker import train_task
+
+    dataset = tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
+    trainer = TorchTrainer(
+        train_task,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "task_index": task_index,
+            "previous_state": str(previous_state) if previous_state else None,
+            "examples": examples,
+            "total_steps": steps_per_task(config, task),
+            "task_label": f"task {task_index + 1} ({task.name})",
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker={"CPU": config.scaling.cpus_per_worker} | ({"GPU": 1} if config.scaling.use_gpu else {}),
+        ),
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        datasets={"train": dataset},
+        run_config=TrainRunConfig(
+            name=f"task_{task_index}",
+            storage_path=str(config.run_dir() / "ray"),
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"task {task.name}: training ended without a checkpoint ({result.error})")
+    return result.checkpoint
+
+
+def _remote(fn, config: RunConfig):
+    """`fn` as a Ray task with the training footprint's resources (a GPU when training uses one)."""
+    import ray
+
+    cpus = max(1.0, config.scaling.num_workers * config.scaling.cpus_per_worker)
+    return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0)(fn)
+
+
+def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult:
+    """Run (or resume) the whole chain described by `config`."""
+    import ray
+
+    from pipeline.tracking import ChainTracker, default_tracking_uri
+
+    run_dir = config.run_dir()
+    tasks = select_tasks(config)  # data problems fail here, before Ray or MLflow start
+    names = [task.name for task in tasks]
+    manifest = Manifest.open(run_dir, config.fingerprint(), names)
+    tracking_uri = config.tracking.uri or default_tracking_uri(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = ChainTracker(tracking_uri, config.tracking.experiment, run_dir)  # an unusable store fails now
+    init_ray(config)
+    check_answers_tokenize(tasks, _tokenizer_factory(config)())
+    config_data = config.model_dump(mode="json")
+    threads = max(1, int(config.scaling.num_workers * config.scaling.cpus_per_worker))
+
+    with tracker:
+        manifest.mlflow_run_id = tracker.start(
+            config.run_name, params=config_data, tags=_provenance_tags(), config_file=config_file, resume_run_id=manifest.mlflow_run_id
+        )
+        manifest.save(run_dir)
+        if manifest.zero_shot is None:
+            console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
+            manifest.zero_shot = ray.get(_remote(evaluate_state, config).remote(config_data, None, tasks, threads))
+            manifest.save(run_dir)
+        data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+        for index, task in enumerate(tasks):
+            if manifest.is_done(index):
+                console.print(f"[dim]task {index + 1}/{len(tasks)} {task.name}: finished earlier, skipped[/]")
+                continue
+            started = time.monotonic()
+            previous = manifest.last_state()
+            if previous is not None:
+                data_strategy.load_data_state(json.loads((previous / META_FILE).read_text()))
+            examples = data_strategy.training_examples(index, [list(pair) for pair in task.training_texts()])
+            console.print(f"[bold]task {index + 1}/{len(tasks)} {task.name}[/]: {len(examples)} training examples, "
+                          f"{steps_per_task(config, task)} steps on {config.scaling.num_workers} workers")
+            checkpoint = _train(config, index, task, examples, previous)
+            state_dir = run_dir / "checkpoints" / f"task_{index}"
+            with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
+                shutil.copytree(Path(folder) / "state", staging, dirs_exist_ok=True)
+                losses = json.loads((Path(folder) / "progress.json").read_text())["losses"]
+            scores = ray.get(_remote(evaluate_state, config).remote(config_data, str(state_dir), tasks[: index + 1], threads))
+            record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"], losses)
+            manifest.record(record)
+            manifest.save(run_dir)
+            record.mlflow_run_id = _log_task(tracker, manifest, record, state_dir, config)
+            manifest.save(run_dir)
+            console.print(f"  test {_format(scores['test'])}  ({time.monotonic() - started:.0f} s)")
+
+        if manifest.adapter_dir is None:
+            adapter = run_dir / "adapter"
+            manifest.adapter_dir = ray.get(_remote(export_state, config).remote(config_data, str(manifest.last_state()), str(adapter)))
+            manifest.save(run_dir)
+            tracker.log_artifacts({"adapter": Path(manifest.adapter_dir), "manifest": run_dir / "manifest.json"})
+    matrix = manifest.matrix("test")
+    return ChainResult(run_dir, matrix, metrics.summary(matrix), Path(manifest.adapter_dir), tracking_uri, manifest.mlflow_run_id)
+
+
+def _log_task(tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig) -> str:
+    test_matrix = manifest.matrix("test")
+    validation_matrix = manifest.matrix("validation")
+    summary = metrics.summary(test_matrix)
+    task_metrics = {f"test/{name}": score for name, score in record.test.items()}
+    task_metrics |= {f"validation/{name}": score for name, score in record.validation.items()}
+    task_metrics |= {k: v for k, v in summary.items() if not math.isnan(v)}
+    task_metrics["validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
+    meta = json.loads((state_dir / META_FILE).read_text())
+    return tracker.log_task(
+        record.index,
+        record.name,
+        params={"task_name": record.name, "train_examples": len(record.losses)},
+        train_losses=record.losses,
+        metrics=task_metrics,
+        matrix=test_matrix,
+        task_names=manifest.task_names,
+        task_slot_usage=meta.get("task_slot_usage"),
+        artifacts={f"checkpoints/task_{record.index}": state_dir},
+    )
+
+
+def _format(scores: dict[str, float]) -> str:
+    return "  ".join(f"{name} {score:.3f}" for name, score in scores.items())
+
+
+def _provenance_tags() -> dict[str, str]:
+    """Git commit and package versions, so runs are comparable and reproducible."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags: dict[str, str] = {}
+    try:
+        tags["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        tags["git_commit"] = "unknown"
+    for package in ("torch", "transformers", "peft", "deepspeed", "ray", "mlflow"):
+        try:
+            tags[f"version.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"version.{package}"] = "missing"
+    return tags

@@ -1,0 +1,160 @@
+"""The one YAML a user writes to run a chain: model, stream + order, strategy, training, DeepSpeed, scaling, tracking.
+
+Validated with pydantic before Ray starts: unknown keys, wrong types, impossible values and
+conflicting options fail with the file and the field path. `--set key.path=value` overrides are
+applied to the raw YAML before validation, so they are checked the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.models import ModelSpec
+from procl import LoraSettings, ProCLConfig
+from procl.strategies import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A run configuration is invalid; the message names the file/field and what was expected."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamChoice(_Strict):
+    path: str = "configs/streams/demo.yaml"
+    order: str | None = Field(None, description="an order defined in the stream file (default: its first)")
+    max_tasks: int | None = Field(None, gt=0, description="only the first k tasks of the order")
+
+
+class StrategyConfig(_Strict):
+    name: str = "procl"
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    procl: ProCLConfig = Field(default_factory=ProCLConfig)
+    buffer_per_task: int = Field(20, gt=0, description="replay: training examples kept per earlier task")
+    lambda1: float = Field(0.5, ge=0, description="o_lora: weight of the orthogonality penalty")
+
+    @model_validator(mode="after")
+    def _known_name(self) -> "StrategyConfig":
+        if self.name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.name!r}; choose one of {sorted(STRATEGIES)}")
+        if self.name == "procl" and self.procl.formulation == "residual":
+            self.procl.check_divides(self.lora.r, "strategy.lora.r")
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of `procl.make_strategy` for this strategy."""
+        extra = {"procl": {"procl": self.procl}, "replay": {"buffer_per_task": self.buffer_per_task}, "o_lora": {"lambda1": self.lambda1}}
+        return {"lora": self.lora} | extra.get(self.name, {})
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(1, gt=0)
+    batch_size: int = Field(8, gt=0, description="micro-batch per worker")
+    gradient_accumulation: int = Field(1, gt=0)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_length: int = Field(256, gt=8)
+    mask_prompt: bool = Field(True, description="loss on the answer only (False: whole sequence, as the reference code)")
+    seed: int = 0
+    checkpoint_every: int = Field(0, ge=0, description="steps between in-task checkpoints (0: only at task end)")
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    bf16: bool = Field(False, description="DeepSpeed bf16 (with fp32 master weights); CPU supports it too")
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(16, gt=0)
+    max_new_tokens: int = Field(16, gt=0, description="generation tasks")
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite inside the run folder)")
+    experiment: str = "procl"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="None: start/join a local Ray; 'auto' inside `ray job submit`")
+    num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray")
+
+
+class RunConfig(_Strict):
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "runs"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    stream: StreamChoice = Field(default_factory=StreamChoice)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _compatible(self) -> "RunConfig":
+        if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.run_name
+
+    def fingerprint(self) -> str:
+        """What must not change when a chain is resumed: everything but where and how it runs."""
+        frozen = self.model_dump(exclude={"scaling", "ray", "tracking", "evaluation"})
+        return hashlib.sha256(json.dumps(frozen, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` to the raw config (value parsed as YAML: numbers, bools, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {key!r} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config; errors name the file and the field path."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: not a valid YAML file ({error})") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, stream, strategy, ...)")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors())
+        raise ConfigError(f"{where}: {problems}") from error

@@ -1,0 +1,112 @@
+"""The chain manifest: what a run has finished, so a re-submitted chain skips it and continues.
+
+`<run_dir>/manifest.json` records the config fingerprint, the MLflow parent run, the zero-shot
+scores, and per finished task its checkpoint folder (with the sha256 of its tensor file), its
+score rows and its training losses. It is rewritten atomically after every change, and logged
+to MLflow too. A checkpoint whose hash no longer matches is reported, never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
+
+MANIFEST = "manifest.json"
+
+
+class ManifestError(RuntimeError):
+    """The run folder's manifest or a checkpoint it lists is unusable; the message says which and why."""
+
+
+@dataclass
+class TaskRecord:
+    index: int
+    name: str
+    state_dir: str
+    tensors_sha256: str
+    test: dict[str, float]
+    validation: dict[str, float]
+    losses: list[float]
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class Manifest:
+    fingerprint: str
+    task_names: list[str]
+    mlflow_run_id: str | None = None
+    zero_shot: dict[str, dict[str, float]] | None = None
+    tasks: list[TaskRecord] = field(default_factory=list)
+    adapter_dir: str | None = None
+
+    # -- persistence ---------------------------------------------------------------------------
+    @classmethod
+    def open(cls, run_dir: Path, fingerprint: str, task_names: list[str]) -> "Manifest":
+        """The run folder's manifest, or a new one; refuses a folder that holds a different chain."""
+        path = run_dir / MANIFEST
+        if not path.exists():
+            return cls(fingerprint, task_names)
+        try:
+            data = json.loads(path.read_text())
+            manifest = cls(**{k: v for k, v in data.items() if k != "tasks"}, tasks=[TaskRecord(**t) for t in data["tasks"]])
+        except (json.JSONDecodeError, TypeError, KeyError) as error:
+            raise ManifestError(f"{path} is not a readable chain manifest ({error}); move the run folder aside to start over") from error
+        if manifest.fingerprint != fingerprint or manifest.task_names != task_names:
+            raise ManifestError(
+                f"{run_dir} holds a chain with different settings (model, stream, strategy or training changed); "
+                "use another run_name to start a new chain, or restore the original config to resume"
+            )
+        for record in manifest.tasks:
+            manifest.verify(record)
+        return manifest
+
+    def save(self, run_dir: Path) -> Path:
+        """Atomic rewrite: temp file in the same folder, then rename."""
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=run_dir)
+        with os.fdopen(handle, "w") as out:
+            json.dump(asdict(self), out, indent=1, allow_nan=True)
+        os.replace(temp, run_dir / MANIFEST)
+        return run_dir / MANIFEST
+
+    # -- progress ------------------------------------------------------------------------------
+    def is_done(self, index: int) -> bool:
+        return any(record.index == index for record in self.tasks)
+
+    def last_state(self) -> Path | None:
+        return Path(self.tasks[-1].state_dir) if self.tasks else None
+
+    def record(self, record: TaskRecord) -> None:
+        self.tasks = [r for r in self.tasks if r.index != record.index] + [record]
+        self.tasks.sort(key=lambda r: r.index)
+
+    @staticmethod
+    def verify(record: TaskRecord) -> None:
+        folder = Path(record.state_dir)
+        for name in (TENSORS_FILE, META_FILE):
+            if not (folder / name).is_file():
+                raise ManifestError(f"checkpoint of task {record.index} ({record.name}) is missing {folder / name}")
+        if sha256_file(folder / TENSORS_FILE) != record.tensors_sha256:
+            raise ManifestError(
+                f"checkpoint of task {record.index} ({record.name}) at {folder} does not match its recorded sha256: "
+                "truncated or altered; it will not be loaded"
+            )
+
+    # -- the accuracy matrix -------------------------------------------------------------------
+    def matrix(self, split: str = "test") -> list[list[float]]:
+        """Zero-shot row, then one row per finished task; NaN for tasks not evaluated in that row."""
+        rows = [[(self.zero_shot or {}).get(split, {}).get(name, math.nan) for name in self.task_names]]
+        for record in self.tasks:
+            scores = getattr(record, split)
+            rows.append([scores.get(name, math.nan) for name in self.task_names])
+        return rows
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)

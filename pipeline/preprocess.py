@@ -1,0 +1,104 @@
+"""Ray Data preprocessing: a task's records -> tokenized, loss-masked training rows for Ray Train.
+
+    datasets = {"train": tokenized_dataset(task, tokenizer_factory, max_length=256)}
+    TorchTrainer(..., datasets=datasets)
+    # in each worker:
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8, collate_fn=trim_padding): ...
+
+Rows are padded to `max_length` inside `map_batches` (fixed shapes keep Ray Data's tensor columns
+simple) and `trim_padding` cuts each batch back to its longest sequence, so no step computes on
+more padding than its batch needs. The dataset is materialized before training: with every CPU
+taken by training workers, a streaming dataset would have no CPU left to run on and hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from pipeline.prompts import ANSWER_CUE
+
+IGNORE_INDEX = -100  # positions the loss skips (torch cross-entropy's default ignore_index)
+
+
+def build_training_row(
+    prompt_ids: list[int], target_ids: list[int], max_length: int, pad_id: int, mask_prompt: bool, cue_ids: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """(input_ids, attention_mask, labels) padded to max_length.
+
+    A too-long prompt loses tokens from its middle (the input text), never its instruction head or
+    its answer cue, and never the target.
+    """
+    room = max_length - len(target_ids)
+    if room <= len(cue_ids):
+        raise ValueError(f"max_length={max_length} leaves no room for a prompt before a {len(target_ids)}-token target")
+    if len(prompt_ids) > room:
+        tail = len(cue_ids)
+        prompt_ids = prompt_ids[: room - tail] + prompt_ids[-tail:]
+    ids = prompt_ids + target_ids
+    labels = ([IGNORE_INDEX] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + target_ids
+    padding = max_length - len(ids)
+    return ids + [pad_id] * padding, [1] * len(ids) + [0] * padding, labels + [IGNORE_INDEX] * padding
+
+
+class TokenizeBatch:
+    """map_batches callable: {"prompt", "continuation"} columns -> input_ids / attention_mask / labels.
+
+    A class, so each Ray Data actor loads its tokenizer once. `mask_prompt=False` trains on the
+    whole sequence, as the reference code did.
+    """
+
+    def __init__(self, tokenizer_factory: Callable[[], Any], max_length: int, mask_prompt: bool = True) -> None:
+        self.tokenizer = tokenizer_factory()
+        self.max_length, self.mask_prompt = max_length, mask_prompt
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        self.cue_ids = self.tokenizer("\n" + ANSWER_CUE, add_special_tokens=False)["input_ids"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = self.tokenizer(list(batch["prompt"]))["input_ids"]
+        targets = self.tokenizer(list(batch["continuation"]), add_special_tokens=False)["input_ids"]
+        rows = [
+            build_training_row(p, t + self.eos, self.max_length, self.pad_id, self.mask_prompt, self.cue_ids)
+            for p, t in zip(prompts, targets)
+        ]
+        ids, mask, labels = (np.asarray(column, dtype=np.int64) for column in zip(*rows))
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def tokenized_dataset(
+    training_texts: list[tuple[str, str]],
+    tokenizer_factory: Callable[[], Any],
+    max_length: int,
+    mask_prompt: bool = True,
+    batch_size: int = 64,
+) -> ray.data.Dataset:
+    """A materialized Ray dataset of training rows from (prompt, continuation) pairs."""
+    if not training_texts:
+        raise ValueError("no training examples to preprocess")
+    items = [{"prompt": prompt, "continuation": continuation} for prompt, continuation in training_texts]
+    dataset = ray.data.from_items(items).map_batches(
+        TokenizeBatch,
+        fn_constructor_args=(tokenizer_factory, max_length, mask_prompt),
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,  # leaves room beside training workers on a small machine
+    )
+    return dataset.materialize()
+
+
+def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """collate_fn for iter_torch_batches: cut right padding beyond the batch's longest row."""
+    mask = torch.as_tensor(batch["attention_mask"])
+    longest = int(mask.sum(dim=1).max())
+    return {name: torch.as_tensor(batch[name])[:, :longest] for name in ("input_ids", "attention_mask", "labels")}
+
+
+def count_tokens(dataset: ray.data.Dataset) -> int:
+    """Non-padding tokens in a tokenized dataset (for throughput reports)."""
+    return sum(int(batch["attention_mask"].sum()) for batch in dataset.iter_batches(batch_format="numpy", batch_size=256))

@@ -1,0 +1,151 @@
+"""The Ray Train worker loop for one task of the chain: DeepSpeed ZeRO training through the strategy hooks.
+
+Reads top to bottom like Ray's DeepSpeed fine-tuning example. The same code runs on this CPU
+machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` differs.
+
+Checkpoints (`ray.train.report`) hold `state/` (procl.checkpoint: adapter + strategy state,
+safetensors + JSON) and `progress.json` (optimizer steps done, training losses). A worker failure
+restarts the group from the last one (`FailureConfig`); the task's end is always one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.models import load_model_and_tokenizer
+from pipeline.preprocess import trim_padding
+from procl import make_strategy
+from procl.checkpoint import load_strategy_state, write_state
+
+STATE = "state"
+PROGRESS = "progress.json"
+
+
+def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles)."""
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": config.training.batch_size,
+        "gradient_accumulation_steps": config.training.gradient_accumulation,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.deepspeed.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+
+
+def _init_deepspeed(use_gpu: bool):
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not use_gpu:
+        # DeepSpeed's CPU shared-memory allreduce JIT-compiles for ~64 s on first use; gloo does the job
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # joins Ray Train's process group
+    return deepspeed
+
+
+def _report(strategy, model, progress: dict[str, Any], metrics: dict[str, float]) -> None:
+    """Every rank reports (Ray needs the same number of calls); rank 0 writes the checkpoint files."""
+    import ray.train
+
+    tensors, meta = strategy.state(model)  # collective under ZeRO-3: all ranks
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        write_state(Path(folder) / STATE, tensors, meta)
+        Path(folder, PROGRESS).write_text(json.dumps(progress))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+class _ProgressLine:
+    """Rank 0 prints `task i/T step s/S loss ETA` about ten times per task (Ray forwards it to the driver)."""
+
+    def __init__(self, label: str, total: int, enabled: bool) -> None:
+        self.label, self.total, self.enabled = label, max(total, 1), enabled
+        self.started = time.monotonic()
+        self.every = max(1, self.total // 10)
+
+    def update(self, step: int, loss: float) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / step * max(self.total - step, 0)
+        print(f"[{self.label}] step {step}/{self.total} loss {loss:.4f} eta {eta:.0f}s", flush=True)
+
+
+def train_task(loop_config: dict[str, Any]) -> None:
+    """Train task `task_index` starting from `previous_state` (None for the first task)."""
+    import ray.train
+
+    config = RunConfig.model_validate(loop_config["config"])
+    task_index: int = loop_config["task_index"]
+    deepspeed = _init_deepspeed(config.scaling.use_gpu)
+    torch.manual_seed(config.training.seed + task_index)
+
+    # Model and strategy state: a restart after a worker failure resumes mid-task.
+    model, _ = load_model_and_tokenizer(config.model)
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    model = strategy.build(model)
+    progress: dict[str, Any] = {"steps": 0, "losses": []}
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as folder:
+            load_strategy_state(strategy, model, Path(folder) / STATE)
+            progress = json.loads(Path(folder, PROGRESS).read_text())
+    else:
+        if loop_config["previous_state"] is not None:
+            load_strategy_state(strategy, model, loop_config["previous_state"])
+        strategy.before_task(model, task_index)
+
+    # DeepSpeed engine over the strategy's parameter groups (ProCL routers get their own lr).
+    optimizer = torch.optim.AdamW(
+        strategy.param_groups(model, config.training.lr), lr=config.training.lr, weight_decay=config.training.weight_decay
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+    engine.train()
+
+    # Training: micro-batches from this worker's shard; hooks after each optimizer step.
+    shard = ray.train.get_dataset_shard("train")
+    progress_line = _ProgressLine(loop_config["task_label"], loop_config["total_steps"], ray.train.get_context().get_world_rank() == 0)
+    accumulation = config.training.gradient_accumulation
+    micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
+    micro_step = 0
+    for _ in range(config.training.epochs):
+        batches = shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=trim_padding, device=engine.device)
+        for batch in batches:
+            micro_step += 1
+            if micro_step <= micro_steps_done:
+                continue
+            loss = engine(**batch).loss
+            extra = strategy.extra_loss(model)
+            engine.backward(loss if extra is None else loss + extra)
+            engine.step()
+            progress["losses"].append(loss.item())
+            if micro_step % accumulation:
+                continue
+            strategy.after_optimizer_step(model, engine)
+            progress["steps"] += 1
+            progress_line.update(progress["steps"], loss.item())
+            every = config.training.checkpoint_every
+            if every and progress["steps"] % every == 0:
+                _report(strategy, model, progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()})
+
+    # Task end: fold/consolidate, then the checkpoint the next task starts from.
+    strategy.after_task(model, task_index, loop_config["examples"], engine)
+    final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"), "task_done": 1}
+    _report(strategy, model, progress, final)
+    engine.destroy()

@@ -1,0 +1,83 @@
+"""Run configs: defaults, --set overrides, and bad configs rejected before anything starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main, plan
+from pipeline.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_demo_config_validates_and_overrides_apply():
+    config = load_config(ROOT / "configs" / "demo.yaml", ["strategy.name=seq_lora", "training.lr=1e-3", "strategy.lora.target_modules=[q_proj]"])
+    assert config.strategy.name == "seq_lora" and config.training.lr == 1e-3
+    assert config.strategy.lora.target_modules == ["q_proj"]
+    assert config.model.name == "smollm2-135m"
+
+
+def test_fingerprint_ignores_where_it_runs_but_not_what_it_trains():
+    base = load_config(ROOT / "configs" / "demo.yaml")
+    assert base.fingerprint() == load_config(ROOT / "configs" / "demo.yaml", ["scaling.num_workers=4"]).fingerprint()
+    assert base.fingerprint() != load_config(ROOT / "configs" / "demo.yaml", ["training.lr=0.1"]).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["colour=red"], r"colour: Extra inputs are not permitted"),
+        (["training.lr=fast"], r"training.lr: Input should be a valid number"),
+        (["training.lr=-1"], r"training.lr: Input should be greater than 0"),
+        (["strategy.name=ewc"], r"unknown strategy 'ewc'; choose one of"),
+        (["strategy.lora.r=6"], r"num_slots=4 does not divide strategy.lora.r \(6\)"),
+        (["strategy.procl.tau=0"], r"strategy.procl.tau: Input should be greater than 0"),
+        (["deepspeed.zero_stage=4"], r"deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        (["deepspeed.zero_stage=0", "deepspeed.offload_optimizer=true"], r"offload_optimizer needs deepspeed.zero_stage >= 1"),
+        (["model.dtype=float8"], r"model.dtype"),
+        (["run_name=a/b"], r"run_name: String should match pattern"),
+        (["training.lr"], r"--set 'training.lr': expected key.path=value"),
+    ],
+)
+def test_bad_configs_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs" / "demo.yaml", overrides)
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: expected a mapping of sections"):
+        load_config(bad)
+
+
+def test_plan_reports_tasks_sizes_steps_and_time_without_training():
+    summary = plan(load_config(ROOT / "configs" / "demo.yaml"))
+    assert [row["task"] for row in summary["tasks"]] == ["dbpedia", "amazon", "yahoo", "bbc"]
+    assert all(row["sizes"] == {"train": 48, "validation": 16, "test": 32} for row in summary["tasks"])
+    assert all(row["steps"] == 48 // (4 * 2) for row in summary["tasks"])
+    assert summary["workers"] == 2 and summary["estimated_minutes_cpu"] > 0
+
+
+def test_cli_rejects_a_bad_config_before_starting_ray(capsys):
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--set", "strategy.procl.ema_lambda=2"]) == 2
+    assert "strategy.procl.ema_lambda: Input should be less than or equal to 1" in capsys.readouterr().err
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_python_m_pipeline_plan_and_help_work_from_a_shell():
+    out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/demo.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["strategy"] == "procl"
+    for command in ("run", "plan", "eval", "export"):
+        help_text = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert help_text.returncode == 0 and "--set" in help_text.stdout
