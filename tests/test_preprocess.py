@@ -1,0 +1,113 @@
+"""Ray Data preprocessing feeding a real Ray Train TorchTrainer (local Ray, 2 CPUs, 2 workers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.models import ModelSpec, load_model_and_tokenizer, load_tokenizer
+from pipeline.preprocess import IGNORE_INDEX, build_training_row, count_tokens, tokenized_dataset, trim_padding
+from pipeline.streams import load_stream
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "streams"
+TINY = ModelSpec(name="tiny-llama")
+
+
+def test_loss_is_masked_to_the_target_and_padding():
+    ids, mask, labels = build_training_row([1, 2, 3, 4], [7, 8, 0], max_length=10, pad_id=0, mask_prompt=True, cue_ids=[4])
+    assert ids == [1, 2, 3, 4, 7, 8, 0, 0, 0, 0]
+    assert mask == [1] * 7 + [0] * 3
+    assert labels == [IGNORE_INDEX] * 4 + [7, 8, 0] + [IGNORE_INDEX] * 3
+
+
+def test_whole_sequence_loss_option_keeps_prompt_labels():
+    _, _, labels = build_training_row([1, 2, 3], [7], max_length=5, pad_id=0, mask_prompt=False, cue_ids=[3])
+    assert labels == [1, 2, 3, 7, IGNORE_INDEX]
+
+
+def test_long_prompts_lose_their_middle_not_the_cue_or_target():
+    prompt = list(range(100, 120))
+    ids, _, labels = build_training_row(prompt, [7, 8], max_length=10, pad_id=0, mask_prompt=True, cue_ids=[118, 119])
+    assert ids == [100, 101, 102, 103, 104, 105, 118, 119, 7, 8]
+    assert labels[-2:] == [7, 8]
+    with pytest.raises(ValueError, match="max_length=3 leaves no room"):
+        build_training_row(prompt, [7, 8], max_length=3, pad_id=0, mask_prompt=True, cue_ids=[118, 119])
+
+
+def test_trim_padding_cuts_to_the_longest_row():
+    import numpy as np
+
+    batch = {
+        "input_ids": np.array([[1, 2, 0, 0], [3, 0, 0, 0]]),
+        "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0]]),
+        "labels": np.array([[-100, 2, -100, -100], [3, -100, -100, -100]]),
+    }
+    out = trim_padding(batch)
+    assert out["input_ids"].tolist() == [[1, 2], [3, 0]] and out["labels"].dtype == torch.int64
+
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 1024**2,
+        _temp_dir=f"/tmp/ray-procl-{uuid.uuid4().hex[:6]}",
+        # workers unpickle this module's loop function: let them import it
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)])}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+def _read_shard(config: dict) -> None:
+    """A Ray Train worker: reads its shard as torch batches and runs the model's loss on them."""
+    import ray.train
+
+    model, _ = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
+    rows, losses, widths = 0, [], []
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4, collate_fn=trim_padding):
+        rows += batch["input_ids"].shape[0]
+        widths.append(batch["input_ids"].shape[1])
+        losses.append(model(**batch).loss.item())
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"rows": rows, "losses": losses, "widths": widths}))
+
+
+def test_ray_data_feeds_a_torch_trainer_with_every_cpu_taken(local_ray, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    task = load_stream(CONFIGS / "demo.yaml", "order1")[1]  # amazon reviews, real text
+    dataset = tokenized_dataset(task.training_texts(), partial(load_tokenizer, TINY), max_length=1024)
+    assert dataset.count() == 48
+    tokenizer = load_tokenizer(TINY)
+    answers = [tokenizer(" " + answer, add_special_tokens=False)["input_ids"] for answer in task.answers]
+    for row in dataset.take(10):  # the loss sees exactly the answer word and EOS
+        kept = [int(t) for t in row["labels"] if t != IGNORE_INDEX]
+        assert kept[-1] == tokenizer.eos_token_id and kept[:-1] in answers
+    assert count_tokens(dataset) > 48 * 10
+
+    trainer = TorchTrainer(
+        _read_shard,
+        train_loop_config={"out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),  # both CPUs
+        torch_config=TorchConfig(backend="gloo"),
+        datasets={"train": dataset},
+        run_config=RunConfig(name=f"preprocess-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "ray")),
+    )
+    trainer.fit()
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert sum(r["rows"] for r in results) == 48  # sharded, every row seen once
+    assert all(r["rows"] > 0 for r in results)
+    assert all(torch.isfinite(torch.tensor(loss)) for r in results for loss in r["losses"])
+    assert max(w for r in results for w in r["widths"]) < 1024  # trimmed, not padded to max_length

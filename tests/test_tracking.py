@@ -1,0 +1,285 @@
+"""ChainTracker against a real MLflow (sqlite store in a temp folder; no mocks).
+
+One sqlite store serves the whole module (creating it runs MLflow's migrations, seconds), each test
+in its own experiment and run folder; the 3-task chain is logged once and inspected by several tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from pipeline.tracking import LOSS_METRIC, ChainTracker, TrackingError, default_tracking_uri, looks_secret
+from procl import metrics as cl_metrics
+
+nan = math.nan
+NAMES = ["sst2", "boolq", "yahoo"]
+# zero-shot row + 3 trained rows; yahoo not scored after task 1 (NaN), scored ahead after task 2
+MATRIX = [
+    [0.50, 0.40, 0.10],
+    [0.90, 0.45, nan],
+    [0.80, 0.85, 0.20],
+    [0.70, 0.80, 0.90],
+]
+USAGE = [  # ProCL's task_slot_usage: tasks 2 and 3, layer path -> per-slot usage
+    {"layers.0.q_proj": [0.6, 0.2, 0.1, 0.1], "layers.1.q_proj": [0.5, 0.3, 0.1, 0.1]},
+    {"layers.0.q_proj": [0.1, 0.1, 0.7, 0.1], "layers.1.q_proj": [0.1, 0.2, 0.5, 0.2]},
+]
+PARAMS = {
+    "strategy": "procl",
+    "procl": {"num_slots": 4, "key_dim": 16, "tau": 1.0},
+    "eval": {"max_new_tokens": 8},
+    "hf_token": "hf_SECRET1",
+    "model": {"name": "tiny", "api_key": "sk-SECRET2"},
+    "sources": [{"name": "hub", "auth_token": "SECRET6"}, {"name": "local"}],
+    "notes": "x" * 7000,  # over MLflow's param value limit
+}
+TAGS = {"git_commit": "abc123", "versions": {"mlflow": "3.17.2"}, "MLFLOW_TRACKING_TOKEN": "SECRET3"}
+CONFIG = "strategy: procl\nprocl:\n  key_dim: 16\nmlflow:\n  tracking_token: SECRET4\n  password = SECRET5\n"
+SECRETS = ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def losses(task: int) -> list[float]:
+    return [2.0 - 0.1 * step - 0.01 * task for step in range(5)]
+
+
+def task_metrics(matrix: list[list[float]]) -> dict[str, float]:
+    row = matrix[-1]
+    scores = {f"test/{name}": row[j] for j, name in enumerate(NAMES[: len(matrix) - 1])}
+    return scores | {
+        "average_accuracy": cl_metrics.average_accuracy(matrix),
+        "backward_transfer": cl_metrics.backward_transfer(matrix),
+        "forgetting": cl_metrics.forgetting(matrix),
+    }
+
+
+def log(tracker: ChainTracker, task: int, adapter: Path, lr: float = 1e-3, artifact_path: str = "checkpoints") -> str:
+    matrix = MATRIX[: task + 2]
+    return tracker.log_task(
+        task,
+        NAMES[task],
+        params={"lr": lr, "steps": 5},
+        train_losses=losses(task),
+        metrics=task_metrics(matrix),
+        matrix=matrix,
+        task_names=NAMES,
+        task_slot_usage=USAGE[:task] or None,
+        artifacts={artifact_path: adapter},
+    )
+
+
+def adapter_dir(root: Path) -> Path:
+    folder = root / "adapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_config.json").write_text('{"r": 8}')
+    (folder / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    return folder
+
+
+def artifact_root(client: MlflowClient, run_id: str) -> Path:
+    uri = client.get_run(run_id).info.artifact_uri
+    assert uri.startswith("file:")
+    return Path(unquote(urlsplit(uri).path))
+
+
+def nested_runs(client: MlflowClient, experiment_id: str, parent_id: str):
+    return client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    uri = default_tracking_uri(tmp_path_factory.mktemp("store"))
+    MlflowClient(uri).search_experiments()  # MLflow creates and migrates the sqlite schema once
+    return uri
+
+
+@pytest.fixture(scope="module")
+def chain(store, tmp_path_factory):
+    """A 3-task chain logged through the context manager."""
+    run_dir = tmp_path_factory.mktemp("chain")
+    config = run_dir / "chain.yaml"
+    config.write_text(CONFIG)
+    adapter = adapter_dir(run_dir)
+    with ChainTracker(store, "chain", run_dir) as tracker:
+        parent = tracker.start("demo-chain", PARAMS, TAGS, config)
+        # "checkpoints" gets the task folder appended; "checkpoints/task_2" already names it
+        nested = [log(tracker, 0, adapter), log(tracker, 1, adapter), log(tracker, 2, adapter, artifact_path="checkpoints/task_2")]
+        (run_dir / "manifest.json").write_text('{"tasks": 3}')
+        tracker.log_artifacts({"adapter": adapter, "manifest": run_dir / "manifest.json"})
+    client = MlflowClient(store)
+    return client, tracker, parent, nested, run_dir
+
+
+def test_default_tracking_uri(tmp_path):
+    assert default_tracking_uri(tmp_path / "run") == f"sqlite:////{(tmp_path / 'run' / 'mlflow.db').as_posix().lstrip('/')}"
+
+
+def test_chain_runs_and_metrics(chain):
+    client, tracker, parent, nested, _ = chain
+    children = nested_runs(client, tracker.experiment_id, parent)
+    assert len(client.search_runs([tracker.experiment_id])) == 4
+    assert sorted(r.info.run_id for r in children) == sorted(nested)
+    assert {(r.data.tags["task_index"], r.data.tags["task_name"]) for r in children} == {("0", "sst2"), ("1", "boolq"), ("2", "yahoo")}
+    assert all(client.get_run(run_id).info.status == "FINISHED" for run_id in [parent, *nested])
+
+    history = client.get_metric_history(parent, "average_accuracy")
+    assert [(m.step, m.value) for m in history] == [(t, pytest.approx(task_metrics(MATRIX[: t + 2])["average_accuracy"])) for t in range(3)]
+    assert [m.step for m in client.get_metric_history(parent, "test/sst2")] == [0, 1, 2]
+    assert [m.step for m in client.get_metric_history(parent, "forgetting")] == [0, 1, 2]
+    loss = client.get_metric_history(nested[1], LOSS_METRIC)
+    assert [(m.step, m.value) for m in loss] == [(s, pytest.approx(v)) for s, v in enumerate(losses(1))]
+    assert client.get_run(nested[1]).data.params == {"lr": "0.001", "steps": "5"}
+    assert client.get_run(parent).data.tags["last_task_index"] == "2"
+
+
+def test_chain_artifacts(chain):
+    client, _, parent, _, run_dir = chain
+    root = artifact_root(client, parent)
+    assert root.is_relative_to(run_dir / "mlartifacts")  # not ./mlruns of the working directory
+
+    expected_final = [[None if math.isnan(v) else v for v in row] for row in MATRIX]
+    latest = json.loads((root / "accuracy_matrix.json").read_text())
+    assert latest["rows"] == expected_final and latest["task_names"] == NAMES and latest["task_index"] == 2
+    first = json.loads((root / "tasks/task_0/accuracy_matrix.json").read_text())
+    assert first["rows"] == [[None if math.isnan(v) else v for v in row] for row in MATRIX[:2]]
+    assert first["row_names"] == ["zero-shot", "after sst2"]
+
+    pngs = ["accuracy_matrix.png", "forgetting.png", "slot_usage.png", "loss_curve.png",
+            "tasks/task_0/accuracy_matrix.png", "tasks/task_2/forgetting.png", "tasks/task_2/slot_usage.png"]
+    for name in pngs:
+        data = (root / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 1000, name
+    assert not (root / "tasks/task_0/slot_usage.png").exists()  # task 1 has no program memory
+    assert json.loads((root / "tasks/task_2/slot_usage.json").read_text()) == USAGE
+    for task in range(3):
+        assert (root / f"checkpoints/task_{task}/adapter_config.json").read_text() == '{"r": 8}'
+        assert (root / f"checkpoints/task_{task}/adapter_model.safetensors").stat().st_size == 64
+    assert not (root / "checkpoints/task_2/task_2").exists()
+    assert (root / "adapter/adapter_config.json").exists() and (root / "manifest/manifest.json").exists()
+
+
+def test_secrets_filtered(chain):
+    client, _, parent, _, _ = chain
+    run = client.get_run(parent)
+    params, tags = run.data.params, run.data.tags
+    logged = json.dumps([params, tags])
+    assert not any(secret in logged for secret in SECRETS)
+    assert "hf_token" not in params and "model.api_key" not in params and "MLFLOW_TRACKING_TOKEN" not in tags
+    # hyperparameters whose names merely contain "key"/"token" survive
+    assert params["procl.key_dim"] == "16" and params["eval.max_new_tokens"] == "8" and params["model.name"] == "tiny"
+    assert params["sources.0.name"] == "hub" and params["sources.1.name"] == "local"
+    assert tags["git_commit"] == "abc123" and tags["versions.mlflow"] == "3.17.2"
+    assert len(params["notes"]) <= 6000 and params["notes"].endswith("[truncated]")
+
+    config = (artifact_root(client, parent) / "config/chain.yaml").read_text()
+    assert not any(secret in config for secret in SECRETS)
+    assert "key_dim: 16" in config and 'tracking_token: "<redacted>"' in config
+
+
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [("hf_token", True), ("MLFLOW_TRACKING_TOKEN", True), ("apiKey", True), ("AWS_SECRET_ACCESS_KEY", True),
+     ("db.password", True), ("auth.token.value", True), ("procl.key_dim", False), ("max_new_tokens", False),
+     ("pad_token_id", False), ("tokenizer", False), ("test/turkey", False)],
+)
+def test_looks_secret(key, secret):
+    assert looks_secret(key) is secret
+
+
+def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
+    adapter = adapter_dir(tmp_path)
+    first = ChainTracker(store, "resume", tmp_path)
+    parent = first.start("chain", {"lr": 1e-3, "seed": 0}, {}, None)
+    log(first, 0, adapter)
+    log(first, 1, adapter)
+    # the driver dies here: the parent stays RUNNING; an interrupted attempt left task 2's run open
+    client = MlflowClient(store)
+    interrupted = client.create_run(
+        first.experiment_id, tags={MLFLOW_PARENT_RUN_ID: parent, "task_index": "2", "task_name": "yahoo"}
+    ).info.run_id
+
+    second = ChainTracker(store, "resume", tmp_path)
+    assert second.start("chain", {"lr": 1e-3, "seed": 0, "new_param": 1}, {}, None, resume_run_id=parent) == parent
+    log(second, 1, adapter)  # re-logged from the local manifest after the resume
+    assert log(second, 2, adapter) == interrupted
+    second.finish()
+
+    children = nested_runs(client, first.experiment_id, parent)
+    assert sorted(r.data.tags["task_index"] for r in children) == ["0", "1", "2"]
+    assert all(r.info.status == "FINISHED" for r in children) and client.get_run(parent).info.status == "FINISHED"
+    task_1 = next(r.info.run_id for r in children if r.data.tags["task_index"] == "1")
+    assert [m.step for m in client.get_metric_history(task_1, LOSS_METRIC)] == [0, 1, 2, 3, 4]  # no duplicated points
+    assert [m.step for m in client.get_metric_history(parent, "average_accuracy")] == [0, 1, 2]
+    assert client.get_run(parent).data.params == {"lr": "0.001", "seed": "0", "new_param": "1"}
+
+    third = ChainTracker(store, "resume", tmp_path)
+    with pytest.raises(TrackingError, match="lr"):
+        third.start("chain", {"lr": 5e-4, "seed": 0}, {}, None, resume_run_id=parent)
+    assert client.get_run(parent).info.status == "FINISHED"  # refused before the run was touched
+
+    with ChainTracker(store, "resume", tmp_path) as fourth:
+        fourth.start("chain", {"lr": 1e-3, "seed": 0}, {}, None, resume_run_id=parent)
+        with pytest.raises(TrackingError, match="lr"):
+            log(fourth, 0, adapter, lr=1.0)  # a task's param changed
+    task_0 = next(r.info.run_id for r in children if r.data.tags["task_index"] == "0")
+    assert client.get_run(task_0).info.status == "FINISHED"  # the refused re-log did not reopen it
+
+
+def test_missing_sqlite_folder_is_refused(tmp_path):
+    uri = "sqlite:////nonexistent-dir/x/mlflow.db"
+    existed = Path("/nonexistent-dir").exists()
+    with pytest.raises(TrackingError) as caught:
+        ChainTracker(uri, "x", tmp_path)
+    assert uri in str(caught.value)
+    assert Path("/nonexistent-dir").exists() == existed  # MLflow would have created it
+
+
+def test_corrupt_sqlite_is_refused(tmp_path):
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(b"not a database" * 100)
+    with pytest.raises(TrackingError, match="mlflow.db.*(not a database|DatabaseError)"):
+        ChainTracker(default_tracking_uri(tmp_path), "x", tmp_path)
+
+
+def test_locked_sqlite_is_refused(store, tmp_path):
+    db = Path(urlsplit(store).path[1:])
+    with contextlib.closing(sqlite3.connect(db, isolation_level=None)) as other_writer:
+        other_writer.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(TrackingError, match="database is locked"):
+            ChainTracker(store, "locked", tmp_path)  # ~5 s (MLflow itself would wait 20 s)
+        other_writer.execute("ROLLBACK")
+
+
+@pytest.mark.parametrize("credentials", ["", "user:pw-SECRET@"])
+def test_http_with_nothing_listening_fails_fast(tmp_path, credentials):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(TrackingError) as caught:
+        ChainTracker(f"http://{credentials}127.0.0.1:{port}", "x", tmp_path)
+    assert time.monotonic() - start < 30  # MLflow's own retries take minutes
+    assert f"http://{'***@' if credentials else ''}127.0.0.1:{port}" in str(caught.value)
+    assert "SECRET" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_exception_in_with_block_ends_run(store, tmp_path, error, status):
+    with pytest.raises(type(error)):
+        with ChainTracker(store, "failing", tmp_path) as tracker:
+            parent = tracker.start("chain", {"lr": 1e-3}, {}, None)
+            raise error
+    run = MlflowClient(store).get_run(parent)
+    assert run.info.status == status
+    assert run.data.tags["error"].startswith(type(error).__name__)
