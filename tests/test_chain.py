@@ -1,0 +1,147 @@
+"""The chain end to end through real Ray Train + DeepSpeed + Ray Data + MLflow (sqlite), on a tiny model.
+
+2 workers x 1 CPU (all of this machine's cores), 3 small tasks of real text from the bundled
+datasets. Checks the accuracy matrix, the MLflow runs and artifacts, the exported adapter in
+vanilla peft, and that a re-submitted chain skips the tasks a killed driver had finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.integration
+
+
+def write_config(folder: Path, run_name: str, **overrides) -> Path:
+    stream = {
+        "name": "tiny",
+        "seed": 0,
+        "tasks": [
+            {"name": name, "source": {"type": "bundled", "dataset": dataset}, "instruction": f"Classify this {name} text.",
+             "max_input_chars": 120, "sizes": {"train": 16, "validation": 6, "test": 8}, **extra}
+            for name, dataset, extra in (("amazon", "amazon", {}), ("bbc", "bbc", {}), ("yahoo", "yahoo", {"classes": 3}))
+        ],
+        "orders": {"main": ["amazon", "bbc", "yahoo"]},
+    }
+    (folder / "stream.yaml").write_text(yaml.safe_dump(stream))
+    config = {
+        "run_name": run_name,
+        "output_dir": str(folder / "runs"),
+        "model": {"name": "tiny-llama"},
+        "stream": {"path": str(folder / "stream.yaml")},
+        "strategy": {"name": "procl", "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "procl": {"num_slots": 2}},
+        "training": {"batch_size": 4, "lr": 0.005, "max_length": 96},
+        "deepspeed": {"zero_stage": 2},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "evaluation": {"batch_size": 8},
+        "ray": {"num_cpus": 2},
+    }
+    for key, value in overrides.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    path = folder / f"{run_name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def mlflow_runs(run_dir: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("procl")
+    return client, client.search_runs([experiment.experiment_id])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
+    config = write_config(tmp_path, f"chain-z{zero_stage}", deepspeed__zero_stage=zero_stage)
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    run_dir = tmp_path / "runs" / f"chain-z{zero_stage}"
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc", "yahoo"]
+
+    # the accuracy matrix: zero-shot row + one row per task, scores for tasks seen so far
+    assert set(manifest["zero_shot"]["test"]) == {"amazon", "bbc", "yahoo"}
+    for index, record in enumerate(manifest["tasks"]):
+        assert list(record["test"]) == ["amazon", "bbc", "yahoo"][: index + 1]
+        assert all(0.0 <= score <= 1.0 for score in record["test"].values())
+        assert record["losses"] and all(math.isfinite(x) for x in record["losses"])
+
+    client, runs = mlflow_runs(run_dir)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 3
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "average_accuracy")] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"accuracy_matrix.json", "checkpoints", "adapter"} <= artifacts | {p.split("/")[0] for p in artifacts}
+
+    # the exported adapter is a plain peft LoRA that vanilla peft loads and merges
+    from peft import PeftModel
+
+    from pipeline.models import ModelSpec, load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
+    merged = PeftModel.from_pretrained(base, manifest["adapter_dir"]).merge_and_unload()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert "chain finished" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+
+
+def test_a_resubmitted_chain_skips_tasks_a_killed_driver_finished(tmp_path):
+    config = write_config(tmp_path, "resume")
+    run_dir = tmp_path / "runs" / "resume"
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:  # kill the driver once the first task is recorded
+            manifest_path = run_dir / "manifest.json"
+            if manifest_path.exists() and json.loads(manifest_path.read_text())["tasks"]:
+                break
+            assert driver.poll() is None, "the driver ended before finishing a task"
+            time.sleep(1)
+        else:
+            pytest.fail("the first task did not finish in time")
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    first = json.loads((run_dir / "manifest.json").read_text())["tasks"][0]
+
+    result = run_cli("run", str(config))
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    assert "task 1/3 amazon: finished earlier, skipped" in result.stdout
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc", "yahoo"]
+    assert manifest["tasks"][0]["tensors_sha256"] == first["tensors_sha256"]  # not retrained
+    _, runs = mlflow_runs(run_dir)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["task_index"] for r in children) == ["0", "1", "2"]  # no duplicates
+
+
+def test_a_run_folder_of_another_chain_is_refused(tmp_path):
+    config = write_config(tmp_path, "other")
+    run_dir = tmp_path / "runs" / "other"
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps({"fingerprint": "0" * 16, "task_names": ["amazon", "bbc", "yahoo"], "tasks": []}))
+    result = run_cli("run", str(config), timeout=300)
+    assert result.returncode == 2
+    assert "holds a chain with different settings" in result.stderr
