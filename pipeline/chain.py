@@ -95,10 +95,11 @@ def init_ray(config: RunConfig) -> None:
 
     if ray.is_initialized():
         return
-    # a local cluster binds loopback and skips the dashboard; `ray job submit` passes address="auto"
+    # no address: a fresh local Ray for this chain (never an unrelated cluster that happens to run on
+    # the machine), without a dashboard; inside `ray job submit`, ray.address=auto joins the cluster
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if config.ray.address is None:
-        ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=config.ray.address)
 
@@ -136,7 +137,7 @@ def _train(config: RunConfig, task_index: int, task: Task, examples: list, previ
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker} | ({"GPU": 1} if config.scaling.use_gpu else {}),
+            resources_per_worker=config.scaling.worker_resources(),
         ),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         datasets={"train": dataset},
@@ -153,11 +154,24 @@ def _train(config: RunConfig, task_index: int, task: Task, examples: list, previ
     return result.checkpoint
 
 
-def _remote(fn, config: RunConfig):
-    """`fn` as a Ray task with the training footprint's resources (a GPU when training uses one)."""
+def _task_cpus(config: RunConfig) -> float:
+    """CPUs of an evaluation/export task: the training footprint, capped at what one node offers.
+
+    A Ray task runs on one node, while training workers may be spread over nodes of a few CPUs each
+    (asking for their sum would never schedule there). Never less than one worker's CPUs.
+    """
     import ray
 
-    cpus = max(1.0, config.scaling.num_workers * config.scaling.cpus_per_worker)
+    total = config.scaling.num_workers * config.scaling.cpus_per_worker
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    largest = max((r.get("CPU", 0.0) for r in nodes if not config.scaling.use_gpu or r.get("GPU", 0) > 0), default=0.0)
+    return max(config.scaling.cpus_per_worker, min(total, largest))
+
+
+def _remote(fn, config: RunConfig, cpus: float):
+    """`fn` as a Ray task with `cpus` CPUs (see `_task_cpus`) and a GPU when training uses one."""
+    import ray
+
     return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0)(fn)
 
 
@@ -177,7 +191,8 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
     init_ray(config)
     check_answers_tokenize(tasks, _tokenizer_factory(config)())
     config_data = config.model_dump(mode="json")
-    threads = max(1, int(config.scaling.num_workers * config.scaling.cpus_per_worker))
+    task_cpus = _task_cpus(config)
+    threads = max(1, int(task_cpus))  # torch threads of evaluation: the CPUs its Ray task holds
 
     with tracker:
         manifest.mlflow_run_id = tracker.start(
@@ -186,7 +201,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
         manifest.save(run_dir)
         if manifest.zero_shot is None:
             console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
-            manifest.zero_shot = ray.get(_remote(evaluate_state, config).remote(config_data, None, tasks, threads))
+            manifest.zero_shot = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
             manifest.save(run_dir)
         data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
         for index, task in enumerate(tasks):
@@ -205,7 +220,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
             with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
                 shutil.copytree(Path(folder) / "state", staging, dirs_exist_ok=True)
                 losses = json.loads((Path(folder) / "progress.json").read_text())["losses"]
-            scores = ray.get(_remote(evaluate_state, config).remote(config_data, str(state_dir), tasks[: index + 1], threads))
+            scores = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, str(state_dir), tasks[: index + 1], threads))
             record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"], losses)
             manifest.record(record)
             manifest.save(run_dir)
@@ -216,7 +231,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
         if manifest.adapter_dir is None:
             # the consolidated adapter as a plain peft LoRA, logged with the last task (re-logging is idempotent)
             adapter = run_dir / "adapter"
-            manifest.adapter_dir = ray.get(_remote(export_state, config).remote(config_data, str(manifest.last_state()), str(adapter)))
+            manifest.adapter_dir = ray.get(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
             manifest.save(run_dir)
             last = manifest.tasks[-1]
             _log_task(tracker, manifest, last, Path(last.state_dir), config, extra_artifacts={"adapter": adapter})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import ModelSpec
 from procl import LoraSettings, ProCLConfig
@@ -77,6 +77,23 @@ class ScalingConfig(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each training worker needs, e.g. {worker_node: 1} to place workers on labelled nodes"
+    )
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _custom_resources(cls, resources: dict[str, float]) -> dict[str, float]:
+        for name, amount in resources.items():
+            if name.upper() in ("CPU", "GPU"):
+                raise ValueError(f"{name}: set CPUs with cpus_per_worker and GPUs with use_gpu")
+            if not amount > 0:
+                raise ValueError(f"{name}: expected an amount > 0, got {amount}")
+        return resources
+
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one training worker: CPUs, a GPU when use_gpu, and the custom ones."""
+        return {"CPU": self.cpus_per_worker} | ({"GPU": 1} if self.use_gpu else {}) | self.resources_per_worker
 
 
 class EvaluationConfig(_Strict):
@@ -90,7 +107,7 @@ class TrackingConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="None: start/join a local Ray; 'auto' inside `ray job submit`")
+    address: str | None = Field(None, description="None: start a fresh local Ray; 'auto': join the running cluster (inside `ray job submit`)")
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray")
 
 
