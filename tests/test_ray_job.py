@@ -1,0 +1,54 @@
+"""`ray job submit` against a head started with `ray start --head`, loopback only, auth mode explicit."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_chain import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+pytestmark = pytest.mark.integration
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A local head bound to 127.0.0.1 with token auth explicitly off (the same setting for clients)."""
+    env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
+    dashboard = _free_port()
+    start = subprocess.run(
+        [RAY, "start", "--head", f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert start.returncode == 0, start.stderr[-3000:]
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_chain(ray_head, tmp_path):
+    address, env = ray_head
+    config = write_config(tmp_path, "job")
+    submit = subprocess.run(
+        [RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+         sys.executable, "-m", "pipeline", "run", str(config), "--set", "ray.address=auto", "--set", "stream.max_tasks=2"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert submit.returncode == 0, (submit.stdout[-4000:], submit.stderr[-3000:])
+    assert "succeeded" in submit.stdout and "chain finished" in submit.stdout
+    manifest = json.loads((tmp_path / "runs" / "job" / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc"] and manifest["adapter_dir"]
