@@ -182,14 +182,14 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
     from pipeline.tracking import ChainTracker, default_tracking_uri
 
     run_dir = config.run_dir()
-    tasks = select_tasks(config)  # data problems fail here, before Ray or MLflow start
+    tasks = select_tasks(config)  # data problems fail here, before anything is written or started
+    check_answers_tokenize(tasks, _tokenizer_factory(config)())
     names = [task.name for task in tasks]
     manifest = Manifest.open(run_dir, config.fingerprint(), names)
     tracking_uri = config.tracking.uri or default_tracking_uri(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, run_dir)  # an unusable store fails now
     init_ray(config)
-    check_answers_tokenize(tasks, _tokenizer_factory(config)())
     config_data = config.model_dump(mode="json")
     task_cpus = _task_cpus(config)
     threads = max(1, int(task_cpus))  # torch threads of evaluation: the CPUs its Ray task holds

@@ -81,3 +81,10 @@ def test_python_m_pipeline_plan_and_help_work_from_a_shell():
     for command in ("run", "plan", "eval", "export"):
         help_text = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert help_text.returncode == 0 and "--set" in help_text.stdout
+
+
+def test_bad_stream_data_fails_before_anything_is_written(tmp_path, capsys):
+    code = main(["run", str(ROOT / "configs" / "demo.yaml"), "--set", f"output_dir={tmp_path}", "--set", f"stream.path={tmp_path / 'missing.yaml'}"])
+    assert code == 2
+    assert "missing.yaml: file not found" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store

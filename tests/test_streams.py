@@ -262,3 +262,20 @@ def test_empty_or_shared_answer_words_are_errors(tmp_path):
         load_stream(write_stream(tmp_path, [file_task("t", "d.jsonl", verbalizers={"pos": " "})]))
     with pytest.raises(StreamError, match=r"two labels share an answer word"):
         load_stream(write_stream(tmp_path, [file_task("t", "d.jsonl", verbalizers={"pos": "x", "neg": "x"})]))
+
+
+def test_an_answer_word_that_tokenizes_to_nothing_is_an_error(tmp_path):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pipeline.streams import check_answers_tokenize
+
+    # a real tokenizer whose normalizer drops everything but ASCII letters (as some word-level ones do)
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "pos": 1, "neg": 2}, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Replace(Regex("[^a-z ]"), "")
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    write_jsonl(tmp_path / "d.jsonl", records(40))
+    (task,) = load_stream(write_stream(tmp_path, [file_task("t", "d.jsonl", verbalizers={"pos": "\U0001F600"})]))
+    with pytest.raises(StreamError, match="task 't': answer word '\U0001F600' tokenizes to nothing"):
+        check_answers_tokenize([task], tokenizer)
