@@ -94,17 +94,23 @@ def read_table(path: Path, text_field: str, label_field: str, file_format: str |
     return _records(rows, path, text_field, label_field)
 
 
-def read_cl_benchmark(folder: Path) -> RawSplits:
-    """O-LoRA's CL_Benchmark layout: train.json / dev.json / test.json lists of {sentence, label}, labels.json."""
+def _read_split_folder(folder: Path, layout: str, files: tuple[str, ...], text_field: str, label_field: str) -> RawSplits:
+    """`<split>.json` lists of records in one folder; train is required, the other splits optional."""
     if not folder.is_dir():
-        raise SourceError(f"{folder}: CL_Benchmark task folder not found")
+        raise SourceError(f"{folder}: {layout} task folder not found")
     splits = {
-        SPLIT_ALIASES[name]: read_table(folder / f"{name}.json", "sentence", "label", "json")
-        for name in ("train", "dev", "test")
+        SPLIT_ALIASES[name]: read_table(folder / f"{name}.json", text_field, label_field, "json")
+        for name in files
         if (folder / f"{name}.json").exists()
     }
     if "train" not in splits:
-        raise SourceError(f"{folder}: CL_Benchmark task folder has no train.json")
+        raise SourceError(f"{folder}: {layout} task folder has no train.json")
+    return splits
+
+
+def read_cl_benchmark(folder: Path) -> RawSplits:
+    """O-LoRA's CL_Benchmark layout: train.json / dev.json / test.json lists of {sentence, label}, labels.json."""
+    splits = _read_split_folder(folder, "CL_Benchmark", ("train", "dev", "test"), "sentence", "label")
     labels_file = folder / "labels.json"
     if labels_file.exists():
         try:
@@ -120,16 +126,7 @@ def read_cl_benchmark(folder: Path) -> RawSplits:
 
 def read_trace(folder: Path) -> RawSplits:
     """TRACE's layout: train.json / eval.json / test.json lists of {prompt, answer} (free-form answers)."""
-    if not folder.is_dir():
-        raise SourceError(f"{folder}: TRACE task folder not found")
-    splits = {
-        SPLIT_ALIASES[name]: read_table(folder / f"{name}.json", "prompt", "answer", "json")
-        for name in ("train", "eval", "test")
-        if (folder / f"{name}.json").exists()
-    }
-    if "train" not in splits:
-        raise SourceError(f"{folder}: TRACE task folder has no train.json")
-    return splits
+    return _read_split_folder(folder, "TRACE", ("train", "eval", "test"), "prompt", "answer")
 
 
 # -- bundled datasets (real text shipped inside installed packages; see shared ASSETS) -------------
