@@ -98,6 +98,8 @@ def init_ray(config: RunConfig) -> None:
     # no address: a fresh local Ray for this chain (never an unrelated cluster that happens to run on
     # the machine), without a dashboard; inside `ray job submit`, ray.address=auto joins the cluster
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # per-task datasets are small: Ray Data's progress bars would drown the chain's own progress lines
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if config.ray.address is None:
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
     else:

@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_chain(config, args.config)
             console.print(f"[bold green]chain finished[/]: final average accuracy {result.summary['average_accuracy']:.3f}, "
                           f"BWT {result.summary['backward_transfer']:+.3f}, forgetting {result.summary['forgetting']:.3f}")
-            console.print(f"adapter (plain peft LoRA): {result.adapter_dir}")
-            console.print(f"MLflow store: {result.tracking_uri}\n  open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+            # plain prints: paths and commands must not be wrapped by the console width
+            print(f"adapter (plain peft LoRA): {result.adapter_dir}")
+            print(f"MLflow store: {result.tracking_uri}")
+            print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
         elif args.command == "eval":
             from pipeline.chain import evaluate_state, select_tasks
 
