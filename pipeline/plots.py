@@ -180,8 +180,10 @@ def slot_usage_plot(
     ax.set_xticks(range(width), [str(n) for n in range(width)])
     ax.set_yticks(range(len(rows)), labels)
     ax.set_xlabel("program slot")
-    ax.set_title("ProCL slot usage per task (mean over layers)")
-    fig.colorbar(image, ax=ax, label="usage")
+    # ProCL records each task's mean slot plasticity rho: 1 = the slot kept all the task wrote into it,
+    # 0 = the slot was left as the previous task had it (see docs/METHOD.md)
+    ax.set_title("ProCL slot use per task: plasticity rho, mean over layers")
+    fig.colorbar(image, ax=ax, label="rho (1 = written, 0 = kept)")
     return _save(fig, path)
 
 
