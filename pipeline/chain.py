@@ -188,9 +188,11 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
     check_answers_tokenize(tasks, _tokenizer_factory(config)())
     names = [task.name for task in tasks]
     manifest = Manifest.open(run_dir, config.fingerprint(), names)
-    tracking_uri = config.tracking.uri or default_tracking_uri(run_dir)
+    # one default store for every chain under output_dir, so strategies compare side by side in one UI
+    store_dir = run_dir.parent
+    tracking_uri = config.tracking.uri or default_tracking_uri(store_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = ChainTracker(tracking_uri, config.tracking.experiment, run_dir)  # an unusable store fails now
+    tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
     init_ray(config)
     config_data = config.model_dump(mode="json")
     task_cpus = _task_cpus(config)

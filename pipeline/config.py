@@ -102,7 +102,7 @@ class EvaluationConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite inside the run folder)")
+    uri: str | None = Field(None, description="MLflow tracking URI (default: sqlite:///<output_dir>/mlflow.db, shared by the chains there)")
     experiment: str = "procl"
 
 

@@ -63,7 +63,7 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 def mlflow_runs(run_dir: Path):
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # one store per output_dir
     experiment = client.get_experiment_by_name("procl")
     return client, client.search_runs([experiment.experiment_id])
 
