@@ -1,0 +1,551 @@
+"""Pipeline overhead: the chain through Ray Data + Ray Train + DeepSpeed vs a bare single-process torch loop.
+
+    .venv/bin/python benchmarks/pipeline_overhead.py                 # configs/demo.yaml (~10-20 min)
+    .venv/bin/python benchmarks/pipeline_overhead.py --quick         # 2 tasks on tiny-llama (~2-3 min)
+    .venv/bin/python benchmarks/pipeline_overhead.py --config C.yaml --set strategy.name=seq_lora
+
+Both sides run in one invocation, one after the other, on the same config: the same model, stream,
+strategy, optimizer steps (num_workers x batch_size rows per step, the same gradient clipping), the
+same strategy hooks and the same evaluation (`pipeline.evaluation.score_task` on validation + test of
+every task seen so far, after each task, plus the zero-shot row and the adapter export).
+
+- pipeline: `pipeline.chain.run_chain` as `python -m pipeline run` does it, in a fresh local Ray
+  (2 Ray Train workers x 1 CPU, gloo, DeepSpeed; evaluation/export in Ray tasks) with MLflow.
+- bare: one process, torch threads = num_workers x cpus_per_worker (2 here), model loaded once;
+  per task the same tokenisation (`TokenizeBatch`), each optimizer step over num_workers micro-batches
+  of batch_size rows (gradients averaged: the data-parallel gradient), torch AdamW, the hooks, then
+  scoring a merged copy of the model (what the pipeline's evaluation task scores).
+
+Where the pipeline's time goes is measured without touching the pipeline: the benchmark wraps
+driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, evaluation/export Ray tasks,
+MLflow logging) and, inside the Ray Train workers and Ray tasks (wrappers shipped with the job),
+DeepSpeed init_distributed, model load, deepspeed.initialize, the wait for batches, after_task and
+the final report. Prints tables, then one JSON line (the last line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+QUICK = ["stream.max_tasks=2", "model.name=tiny-llama"]
+
+
+# -- instrumentation shipped into Ray Train workers and Ray tasks (pickled by value) -----------------
+
+
+def _append(log_path: str, record: dict) -> None:
+    with open(log_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def make_timed_train_task(log_path: str):
+    """The pipeline's `train_task`, with phase timestamps written to `log_path` (one JSON line per rank)."""
+
+    def timed_train_task(loop_config):
+        import time
+
+        import ray.train
+
+        import pipeline.train_worker as tw
+
+        marks = {"entry": time.time()}
+
+        def timed(name, fn):
+            def inner(*args, **kwargs):
+                start = time.time()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    marks[f"{name}_s"] = marks.get(f"{name}_s", 0.0) + time.time() - start
+                    marks.setdefault(f"{name}_start", start)
+            return inner
+
+        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report")}
+        original_shard = ray.train.get_dataset_shard
+
+        def init_deepspeed(use_gpu):
+            deepspeed = timed("init_distributed", original["_init_deepspeed"])(use_gpu)
+            initialize = deepspeed.initialize
+            deepspeed.initialize = timed("deepspeed_initialize", initialize)
+            marks["_restore"] = (deepspeed, initialize)
+            return deepspeed
+
+        def make_strategy(*args, **kwargs):
+            strategy = original["make_strategy"](*args, **kwargs)
+            strategy.after_task = timed("after_task", strategy.after_task)
+            return strategy
+
+        class Shard:  # counts the time the loop waits for batches (Ray Data streaming split)
+            def __init__(self, iterator):
+                self.iterator = iterator
+
+            def iter_torch_batches(self, **kwargs):
+                batches = iter(self.iterator.iter_torch_batches(**kwargs))
+                while True:
+                    start = time.time()
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        marks["data_wait_s"] = marks.get("data_wait_s", 0.0) + time.time() - start
+                        return
+                    waited = time.time() - start
+                    marks.setdefault("first_batch_wait_s", waited)
+                    marks["data_wait_s"] = marks.get("data_wait_s", 0.0) + waited
+                    marks["batches"] = marks.get("batches", 0) + 1
+                    yield batch
+
+        tw._init_deepspeed = init_deepspeed
+        tw.load_model_and_tokenizer = timed("model_load", original["load_model_and_tokenizer"])
+        tw.make_strategy = make_strategy
+        tw._report = timed("report", original["_report"])
+        ray.train.get_dataset_shard = lambda name: Shard(original_shard(name))
+        try:
+            tw.train_task(loop_config)  # the real worker loop
+        finally:
+            for name, fn in original.items():
+                setattr(tw, name, fn)
+            ray.train.get_dataset_shard = original_shard
+            if "_restore" in marks:
+                deepspeed, initialize = marks.pop("_restore")
+                deepspeed.initialize = initialize
+            marks["exit"] = time.time()
+            marks.update(rank=ray.train.get_context().get_world_rank(), task_index=loop_config["task_index"], pid=os.getpid())
+            _append(log_path, {"kind": "train_worker", **marks})
+
+    return timed_train_task
+
+
+def make_timed_task(fn_name: str, call_id: int, log_path: str):
+    """`pipeline.chain.<fn_name>` (evaluate_state / export_state) with its model-load time logged."""
+
+    def timed_task(*args):
+        import time
+
+        import pipeline.chain as chain
+
+        marks = {"entry": time.time()}
+        load = chain._load_trained
+
+        def timed_load(*a, **k):
+            start = time.time()
+            try:
+                return load(*a, **k)
+            finally:
+                marks["model_load_s"] = time.time() - start
+
+        chain._load_trained = timed_load
+        try:
+            return getattr(chain, fn_name)(*args)
+        finally:
+            chain._load_trained = load
+            marks.update(exit=time.time(), pid=os.getpid())
+            _append(log_path, {"kind": "ray_task", "call_id": call_id, "fn": fn_name, **marks})
+
+    timed_task.__name__ = timed_task.__qualname__ = fn_name
+    return timed_task
+
+
+# -- the pipeline side ---------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Driver-side wall-clock spans, tagged with the task being trained."""
+
+    def __init__(self, log_path: str) -> None:
+        self.log_path = log_path
+        self.events: list[dict] = []
+        self.task: int | None = None
+
+    def wrap(self, kind: str, fn, **tags):
+        def inner(*args, **kwargs):
+            start = time.time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.events.append({"kind": kind, "task": self.task, "start": start, "end": time.time(), **tags})
+        return inner
+
+
+def run_pipeline(config, log_path: str) -> dict:
+    """run_chain with driver and worker instrumentation; returns the spans and the manifest."""
+    import ray
+    from ray.train.torch import TorchTrainer
+
+    import pipeline.chain as chain
+    import pipeline.preprocess as preprocess
+    import pipeline.train_worker as train_worker
+    import pipeline.tracking as tracking
+
+    rec = Recorder(log_path)
+    saved = [(chain, "init_ray"), (chain, "_train"), (chain, "_remote"), (preprocess, "tokenized_dataset"), (train_worker, "train_task"),
+             (TorchTrainer, "fit"), (tracking.ChainTracker, "log_task"), (tracking.ChainTracker, "start")]
+    saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
+    originals = {name: fn for _, name, fn in saved}
+
+    def train(config, task_index, *args, **kwargs):
+        rec.task = task_index
+        return rec.wrap("train_call", originals["_train"])(config, task_index, *args, **kwargs)
+
+    calls = iter(range(1_000_000))
+
+    def remote(fn, config, cpus):
+        call_id = next(calls)
+        task = originals["_remote"](make_timed_task(fn.__name__, call_id, log_path), config, cpus)
+
+        class Submit:  # times submission -> result in the driver; run_chain then ray.get()s a ready ref
+            def remote(self, *args):
+                start = time.time()
+                result = ray.get(task.remote(*args))
+                rec.events.append({"kind": "ray_task", "fn": fn.__name__, "call_id": call_id, "task": rec.task,
+                                   "start": start, "end": time.time(), "cpus": cpus})
+                return ray.put(result)
+
+        return Submit()
+
+    chain.init_ray = rec.wrap("ray_init", originals["init_ray"])
+    chain._train = train
+    chain._remote = remote
+    preprocess.tokenized_dataset = rec.wrap("ray_data", originals["tokenized_dataset"])
+    train_worker.train_task = make_timed_train_task(log_path)
+    TorchTrainer.fit = rec.wrap("fit", originals["fit"])
+    tracking.ChainTracker.log_task = rec.wrap("mlflow_log_task", originals["log_task"])
+    tracking.ChainTracker.start = rec.wrap("mlflow_start", originals["start"])
+    try:
+        start = time.time()
+        result = chain.run_chain(config)
+        end = time.time()
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+        ray.shutdown()
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    return {"start": start, "end": end, "events": rec.events, "manifest": manifest, "matrix": result.matrix, "summary": result.summary}
+
+
+def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
+    """Per-task and chain-level phases of the pipeline run, in seconds."""
+    logs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    workers = [r for r in logs if r["kind"] == "train_worker"]
+    task_logs = {r["call_id"]: r for r in logs if r["kind"] == "ray_task"}
+    events = run["events"]
+
+    def spans(kind, task=None, **tags):
+        return [e for e in events if e["kind"] == kind and (task is None or e["task"] == task) and all(e.get(k) == v for k, v in tags.items())]
+
+    def ray_task_phases(event):
+        inner = task_logs.get(event["call_id"], {})
+        total = event["end"] - event["start"]
+        if not inner:
+            return {"total_s": total}
+        return {"total_s": total, "start_up_s": inner["entry"] - event["start"], "model_load_s": inner.get("model_load_s", 0.0),
+                "work_s": inner["exit"] - inner["entry"] - inner.get("model_load_s", 0.0), "return_s": event["end"] - inner["exit"]}
+
+    per_task = []
+    for index, name in enumerate(names):
+        train_call = spans("train_call", index)
+        if not train_call:
+            continue
+        fit = spans("fit", index)[0]
+        data = spans("ray_data", index)[0]
+        mlflow = spans("mlflow_log_task", index)[:1]  # a second call logs the exported adapter (chain level)
+        evaluation = [e for e in spans("ray_task", index) if e["fn"] == "evaluate_state"]
+        ranks = sorted((w for w in workers if w["task_index"] == index), key=lambda w: w["rank"])
+        zero = ranks[0] if ranks else {}
+        fit_s = fit["end"] - fit["start"]
+        phases = {
+            "ray_data_s": data["end"] - data["start"],
+            "fit_s": fit_s,
+        }
+        if ranks:
+            first_entry, last_exit = min(w["entry"] for w in ranks), max(w["exit"] for w in ranks)
+            loop_s = (zero.get("after_task_start", zero["exit"]) - (zero.get("deepspeed_initialize_start", zero["entry"]) + zero.get("deepspeed_initialize_s", 0.0)))
+            phases |= {
+                "fit_start_up_s": first_entry - fit["start"],  # worker group, actors, process group
+                "init_distributed_s": zero.get("init_distributed_s", 0.0),
+                "model_load_s": zero.get("model_load_s", 0.0),
+                "deepspeed_initialize_s": zero.get("deepspeed_initialize_s", 0.0),
+                "train_loop_s": loop_s,
+                "first_batch_wait_s": zero.get("first_batch_wait_s", 0.0),
+                "data_wait_s": zero.get("data_wait_s", 0.0),
+                "after_task_s": zero.get("after_task_s", 0.0),
+                "report_s": zero.get("report_s", 0.0),
+                "fit_tear_down_s": fit["end"] - last_exit,  # checkpoint registration, worker group shutdown
+                "batches": zero.get("batches", 0),
+            }
+        if evaluation:
+            phases |= {f"eval_{k}": v for k, v in ray_task_phases(evaluation[-1]).items()}
+        phases["mlflow_s"] = sum(e["end"] - e["start"] for e in mlflow)
+        task_end = max([e["end"] for e in mlflow] or [evaluation[-1]["end"] if evaluation else fit["end"]])
+        phases["task_s"] = task_end - train_call[0]["start"]
+        phases["other_s"] = phases["task_s"] - phases["ray_data_s"] - fit_s - phases.get("eval_total_s", 0.0) - phases["mlflow_s"]
+        per_task.append({"task": name, **phases})
+
+    zero_shot = [e for e in spans("ray_task") if e["fn"] == "evaluate_state" and e["task"] is None]
+    export = [e for e in spans("ray_task") if e["fn"] == "export_state"]
+    chain_level = {
+        "ray_init_s": sum(e["end"] - e["start"] for e in spans("ray_init")),
+        "mlflow_start_s": sum(e["end"] - e["start"] for e in spans("mlflow_start")),
+        "mlflow_adapter_s": sum(e["end"] - e["start"] for e in events if e["kind"] == "mlflow_log_task"
+                                and sum(x["kind"] == "mlflow_log_task" and x["task"] == e["task"] and x["start"] < e["start"] for x in events)),
+        **{f"zero_shot_{k}": v for k, v in (ray_task_phases(zero_shot[0]) if zero_shot else {}).items()},
+        **{f"export_{k}": v for k, v in (ray_task_phases(export[0]) if export else {}).items()},
+    }
+    chain_level["other_s"] = (run["end"] - run["start"]) - sum(t["task_s"] for t in per_task) - chain_level["ray_init_s"] \
+        - chain_level["mlflow_start_s"] - chain_level["mlflow_adapter_s"] - chain_level.get("zero_shot_total_s", 0.0) - chain_level.get("export_total_s", 0.0)
+    return {"per_task": per_task, "chain": chain_level}
+
+
+# -- the bare side -------------------------------------------------------------------------------------
+
+
+def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
+    """The same chain in one process: one model, plain torch AdamW, the same hooks and evaluation."""
+    import numpy as np
+    import torch
+
+    from pipeline.evaluation import score_task
+    from pipeline.models import load_model_and_tokenizer
+    from pipeline.preprocess import TokenizeBatch, trim_padding
+    from procl import make_strategy, metrics
+
+    torch.set_num_threads(threads)
+    start = time.time()
+    t = time.time()
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    model_load_s = time.time() - t
+
+    def evaluate(scored_model, seen) -> dict[str, dict[str, float]]:
+        scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
+        for task in seen:
+            for split in scores:
+                scores[split][task.name] = score_task(
+                    scored_model, tokenizer, task.prompts(split), task.targets(split), task.metric,
+                    task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
+                )
+        return scores
+
+    t = time.time()
+    zero_shot = evaluate(model, tasks)
+    zero_shot_s = time.time() - t
+
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    model = strategy.build(model)
+    tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
+    workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
+    merge = not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp)
+    rows_matrix = []
+    per_task = []
+    for index, task in enumerate(tasks):
+        task_start = time.time()
+        examples = strategy.training_examples(index, [list(pair) for pair in task.training_texts()])
+        rows = tokenize({"prompt": np.array([e[0] for e in examples], dtype=object),
+                         "continuation": np.array([e[1] for e in examples], dtype=object)})
+        tokenize_s = time.time() - task_start
+
+        t = time.time()
+        strategy.before_task(model, index)
+        torch.manual_seed(config.training.seed + index)
+        optimizer = torch.optim.AdamW(strategy.param_groups(model, config.training.lr), lr=config.training.lr,
+                                      weight_decay=config.training.weight_decay)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        model.train()
+        # Ray Train splits the rows equally over the workers (equal=True drops the remainder); each worker
+        # iterates its shard in micro-batches of batch_size (the last one may be short)
+        shard = len(examples) // workers
+        per_worker = math.ceil(shard / micro)
+        losses, steps = [], 0
+        for _ in range(config.training.epochs):
+            optimizer.zero_grad()
+            for k in range(per_worker):
+                for w in range(workers):
+                    picked = slice(w * shard + k * micro, w * shard + min((k + 1) * micro, shard))
+                    batch = trim_padding({name: rows[name][picked] for name in rows})
+                    loss = model(**batch).loss
+                    extra = strategy.extra_loss(model)
+                    ((loss if extra is None else loss + extra) / (workers * accumulation)).backward()
+                    if w == 0:
+                        losses.append(loss.item())
+                if (k + 1) % accumulation:
+                    continue
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                strategy.after_optimizer_step(model)
+                steps += 1
+        strategy.after_task(model, index, examples)
+        train_s = time.time() - t
+
+        t = time.time()
+        scored = copy.deepcopy(model).merge_and_unload() if merge else model
+        scores = evaluate(scored, tasks[: index + 1])
+        del scored
+        eval_s = time.time() - t
+        rows_matrix.append([scores["test"].get(other.name, math.nan) for other in tasks])
+        per_task.append({"task": task.name, "tokenize_s": tokenize_s, "train_s": train_s, "eval_s": eval_s, "steps": steps,
+                         "micro_batches": len(losses), "task_s": time.time() - task_start, "test": scores["test"]})
+
+    t = time.time()
+    strategy.export(model, out_dir / "bare-adapter")
+    export_s = time.time() - t
+    total = time.time() - start
+    matrix = [[zero_shot["test"][task.name] for task in tasks]] + rows_matrix
+    return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,
+            "per_task": per_task, "matrix": matrix, "summary": metrics.summary(matrix)}
+
+
+# -- report ----------------------------------------------------------------------------------------------
+
+
+def _table(title: str, columns: list[str], rows: list[list]) -> None:
+    cells = [[c if isinstance(c, str) else (f"{c:.1f}" if isinstance(c, float) else str(c)) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(columns)]
+    print(f"\n{title}")
+    print("  ".join(h.rjust(w) for h, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="run config (default configs/demo.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--quick", action="store_true", help=f"sanity run: --set {' --set '.join(QUICK)}")
+    parser.add_argument("--bare-threads", type=int, nargs="+", default=None, metavar="N",
+                        help="torch threads of the bare loop (default: num_workers x cpus_per_worker); several values run it once "
+                             "each, the ratio uses the first")
+    parser.add_argument("--keep", action="store_true", help="keep the run folder (default: a temporary folder, deleted)")
+    args = parser.parse_args()
+
+    from pipeline.chain import select_tasks, steps_per_task
+    from pipeline.config import load_config
+
+    work = Path(tempfile.mkdtemp(prefix="pipeline-overhead-"))
+    log_path = str(work / "phases.jsonl")
+    overrides = (QUICK if args.quick else []) + args.overrides + [f"output_dir={work / 'runs'}", "run_name=overhead"]
+    config = load_config(args.config, overrides)
+    os.chdir(ROOT)  # stream paths in configs are relative to the repository root
+    tasks = select_tasks(config)
+    names = [task.name for task in tasks]
+    threads = max(1, int(config.scaling.num_workers * config.scaling.cpus_per_worker))
+    bare_threads = args.bare_threads or [threads]
+
+    load = {"before": os.getloadavg()[0]}
+    try:
+        pipeline_run = run_pipeline(config, log_path)
+        load["after_pipeline"] = os.getloadavg()[0]
+        pipeline_s = pipeline_run["end"] - pipeline_run["start"]
+        breakdown = pipeline_breakdown(pipeline_run, log_path, names)
+        bare_runs = [run_bare(config, tasks, n, work) for n in bare_threads]
+        load["after_bare"] = os.getloadavg()[0]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    bare, threads = bare_runs[0], bare_threads[0]
+    bare_s = bare["total_s"]
+    manifest = pipeline_run["manifest"]
+    per_task = []
+    for p, b, record in zip(breakdown["per_task"], bare["per_task"], manifest["tasks"]):
+        per_task.append({"task": p["task"], "pipeline_s": round(p["task_s"], 2), "bare_s": round(b["task_s"], 2),
+                         "steps": b["steps"], "pipeline_micro_batches": len(record["losses"]), "bare_micro_batches": b["micro_batches"],
+                         "planned_steps": steps_per_task(config, tasks[len(per_task)]),
+                         "pipeline": {k: round(v, 2) if isinstance(v, float) else v for k, v in p.items() if k != "task"},
+                         "bare": {k: round(v, 2) for k, v in b.items() if k not in ("task", "test", "steps", "micro_batches")}})
+
+    print(f"\n{config.model.name} ({config.model.dtype}), {config.strategy.name}, {len(tasks)} tasks, "
+          f"ZeRO-{config.deepspeed.zero_stage}, batch {config.training.batch_size} x {config.scaling.num_workers} workers per step")
+    print(f"pipeline: Ray Train {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPU (1 torch thread each), "
+          f"evaluation in Ray tasks; bare: 1 process, {threads} torch threads. Same machine, same run, one after the other.")
+    _table("per task (s): pipeline vs bare", ["task", "steps", "pipeline", "bare", "ratio", "p.train", "b.train", "p.eval", "b.eval"],
+           [[t["task"], t["steps"], t["pipeline_s"], t["bare_s"], f"{t['pipeline_s'] / t['bare_s']:.2f}",
+             t["pipeline"].get("train_loop_s", math.nan), t["bare"]["train_s"], t["pipeline"].get("eval_total_s", math.nan), t["bare"]["eval_s"]]
+            for t in per_task])
+    _table("pipeline: where each task's time goes (s)",
+           ["task", "ray data", "fit start", "init dist", "model load", "ds init", "loop", "(data wait)", "after_task", "report",
+            "fit end", "eval start", "eval load", "eval score", "mlflow", "other"],
+           [[t["task"], *(t["pipeline"].get(k, math.nan) for k in (
+               "ray_data_s", "fit_start_up_s", "init_distributed_s", "model_load_s", "deepspeed_initialize_s", "train_loop_s", "data_wait_s",
+               "after_task_s", "report_s", "fit_tear_down_s", "eval_start_up_s", "eval_model_load_s", "eval_work_s", "mlflow_s", "other_s"))]
+            for t in per_task])
+    chain_level = {k: round(v, 2) for k, v in breakdown["chain"].items()}
+    print("\nchain level (s): " + ", ".join(f"{k} {v}" for k, v in chain_level.items()))
+    print(f"bare chain level (s): model_load {bare['model_load_s']:.1f}, zero_shot {bare['zero_shot_s']:.1f}, export {bare['export_s']:.1f}")
+    fixed = {  # the pipeline's per-task costs a single process does not pay, summed over the chain
+        "fit_start_up_s": sum(t["pipeline"].get("fit_start_up_s", 0) for t in per_task),
+        "fit_tear_down_s": sum(t["pipeline"].get("fit_tear_down_s", 0) for t in per_task),
+        "ray_data_s": sum(t["pipeline"].get("ray_data_s", 0) for t in per_task),
+        "worker_model_load_s": sum(t["pipeline"].get("model_load_s", 0) for t in per_task),
+        "init_distributed_s": sum(t["pipeline"].get("init_distributed_s", 0) for t in per_task),
+        "deepspeed_initialize_s": sum(t["pipeline"].get("deepspeed_initialize_s", 0) for t in per_task),
+        "eval_task_start_up_s": sum(t["pipeline"].get("eval_start_up_s", 0) for t in per_task) + chain_level.get("zero_shot_start_up_s", 0),
+        "eval_model_load_s": sum(t["pipeline"].get("eval_model_load_s", 0) for t in per_task) + chain_level.get("zero_shot_model_load_s", 0),
+        "mlflow_s": sum(t["pipeline"].get("mlflow_s", 0) for t in per_task) + chain_level.get("mlflow_start_s", 0),
+        "ray_init_s": chain_level.get("ray_init_s", 0),
+    }
+    fixed["first_batch_wait_s"] = sum(t["pipeline"].get("first_batch_wait_s", 0) for t in per_task)  # Ray Data split start-up
+    fixed = {k: round(v, 1) for k, v in sorted(fixed.items(), key=lambda kv: -kv[1])}
+    fixed_total = sum(fixed.values())
+    print("pipeline fixed costs over the chain (s), largest first: " + ", ".join(f"{k} {v}" for k, v in fixed.items()))
+    mismatched = [t["task"] for t in per_task if t["pipeline_micro_batches"] != t["bare_micro_batches"]]
+    if mismatched:
+        print(f"WARNING: the bare loop ran a different number of micro-batches than the pipeline's rank 0 on {mismatched}")
+    ratio = pipeline_s / bare_s
+    # what the ratio would be if the pipeline's training and scoring ran exactly as fast as the bare loop's
+    # (same work; on a shared machine they differ with the other load): bare + the pipeline-only costs
+    ratio_fixed_only = (bare_s + fixed_total) / bare_s
+    print(f"pipeline-only costs {fixed_total:.1f} s in all; ratio if the compute ran at the bare loop's speed: {ratio_fixed_only:.2f}")
+    print(f"1-min load average: before {load['before']:.1f}, after the pipeline {load['after_pipeline']:.1f}, "
+          f"after the bare loop {load['after_bare']:.1f} (2 cores; other work on the machine skews the comparison)")
+    for n, other in list(zip(bare_threads, bare_runs))[1:]:
+        print(f"bare loop with {n} torch thread(s): {other['total_s']:.1f} s (ratio {pipeline_s / other['total_s']:.2f}); per task "
+              + ", ".join(f"{t['task']} train {t['train_s']:.1f} eval {t['eval_s']:.1f}" for t in other["per_task"])
+              + f"; zero-shot {other['zero_shot_s']:.1f}")
+    print(f"\ntotal: pipeline {pipeline_s:.1f} s, bare {bare_s:.1f} s, ratio {ratio:.2f} (target <= 1.3); "
+          f"final average accuracy pipeline {pipeline_run['summary']['average_accuracy']:.3f}, bare {bare['summary']['average_accuracy']:.3f}")
+    print(json.dumps({
+        "benchmark": "pipeline_overhead",
+        "config": str(args.config),
+        "overrides": (QUICK if args.quick else []) + args.overrides,
+        "quick": args.quick,
+        "model": config.model.name,
+        "strategy": config.strategy.name,
+        "tasks": len(tasks),
+        "pipeline_workers": config.scaling.num_workers,
+        "pipeline_cpus_per_worker": config.scaling.cpus_per_worker,
+        "bare_threads": threads,
+        "pipeline_s": round(pipeline_s, 2),
+        "bare_s": round(bare_s, 2),
+        "ratio": round(ratio, 3),
+        "target_ratio": 1.3,
+        "fixed_costs_s": fixed,
+        "fixed_total_s": round(fixed_total, 1),
+        "ratio_fixed_only": round(ratio_fixed_only, 3),
+        "load_average": {k: round(v, 2) for k, v in load.items()},
+        "chain_level_s": chain_level,
+        "bare_chain_level_s": {k: round(bare[k], 2) for k in ("model_load_s", "zero_shot_s", "export_s")},
+        "per_task": per_task,
+        "bare_runs": [{"threads": n, "bare_s": round(b["total_s"], 2), "zero_shot_s": round(b["zero_shot_s"], 2),
+                       "per_task": [{k: round(v, 2) for k, v in t.items() if k in ("train_s", "eval_s", "task_s")} for t in b["per_task"]],
+                       "average_accuracy": b["summary"]["average_accuracy"]} for n, b in zip(bare_threads, bare_runs)],
+        "average_accuracy": {"pipeline": pipeline_run["summary"]["average_accuracy"], "bare": bare["summary"]["average_accuracy"]},
+    }))
+
+
+if __name__ == "__main__":
+    main()
