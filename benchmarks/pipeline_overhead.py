@@ -318,7 +318,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
     import numpy as np
     import torch
 
-    from pipeline.evaluation import score_task
+    from pipeline.chain import score_tasks
     from pipeline.models import load_model_and_tokenizer
     from pipeline.preprocess import TokenizeBatch, trim_padding
     from procl import make_strategy, metrics
@@ -330,14 +330,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
     model_load_s = time.time() - t
 
     def evaluate(scored_model, seen) -> dict[str, dict[str, float]]:
-        scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
-        for task in seen:
-            for split in scores:
-                scores[split][task.name] = score_task(
-                    scored_model, tokenizer, task.prompts(split), task.targets(split), task.metric,
-                    task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
-                )
-        return scores
+        return score_tasks(scored_model, tokenizer, seen, config)  # exactly the pipeline's scoring
 
     t = time.time()
     zero_shot = evaluate(model, tasks)

@@ -59,13 +59,18 @@ def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], 
     """{split: {task: score}} on the validation and test splits of `tasks`."""
     import torch
 
-    from pipeline.evaluation import score_task
-
     torch.set_num_threads(threads)
     config = RunConfig.model_validate(config_data)
     model, tokenizer, strategy = _load_trained(config, state_dir)
     if state_dir is not None and not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp):
         model = model.merge_and_unload()  # a plain LoRA: evaluate exactly what inference will run
+    return score_tasks(model, tokenizer, tasks, config)
+
+
+def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[str, dict[str, float]]:
+    """{split: {task: score}} on the validation and test splits of `tasks`."""
+    from pipeline.evaluation import score_task
+
     scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
     for task in tasks:
         for split in scores:
