@@ -238,19 +238,15 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
             console.print(f"  test {_format(scores['test'])}  ({time.monotonic() - started:.0f} s)")
 
         if manifest.adapter_dir is None:
-            # the consolidated adapter as a plain peft LoRA, logged with the last task (re-logging is idempotent)
+            # the consolidated adapter as a plain peft LoRA, and the finished manifest, on the chain's run
             adapter = run_dir / "adapter"
             manifest.adapter_dir = ray.get(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
-            manifest.save(run_dir)
-            last = manifest.tasks[-1]
-            _log_task(tracker, manifest, last, Path(last.state_dir), config, extra_artifacts={"adapter": adapter})
+            tracker.log_artifacts({"adapter": adapter, "manifest": manifest.save(run_dir)})
     matrix = manifest.matrix("test")
     return ChainResult(run_dir, matrix, metrics.summary(matrix), Path(manifest.adapter_dir), tracking_uri, manifest.mlflow_run_id)
 
 
-def _log_task(
-    tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig, extra_artifacts: dict[str, Path] | None = None
-) -> str:
+def _log_task(tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig) -> str:
     test_matrix = manifest.matrix("test")
     validation_matrix = manifest.matrix("validation")
     summary = metrics.summary(test_matrix)
@@ -268,7 +264,7 @@ def _log_task(
         matrix=test_matrix,
         task_names=manifest.task_names,
         task_slot_usage=meta.get("task_slot_usage"),
-        artifacts={f"checkpoints/task_{record.index}": state_dir, "manifest": config.run_dir() / "manifest.json"} | (extra_artifacts or {}),
+        artifacts={f"checkpoints/task_{record.index}": state_dir, "manifest": config.run_dir() / "manifest.json"},
     )
 
 

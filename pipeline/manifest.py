@@ -14,7 +14,6 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 
@@ -107,6 +106,3 @@ class Manifest:
             scores = getattr(record, split)
             rows.append([scores.get(name, math.nan) for name in self.task_names])
         return rows
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
