@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -182,8 +183,14 @@ def _remote(fn, config: RunConfig, cpus: float):
     return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0)(fn)
 
 
-def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult:
-    """Run (or resume) the whole chain described by `config`."""
+def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None, on_task_done: Callable[[TaskRecord, Manifest], None] | None = None) -> ChainResult:
+    """Run (or resume) the whole chain described by `config`.
+
+    `parent_run_id` nests the chain's MLflow run under another (a sweep's), `tags` go on the chain's run,
+    and `on_task_done(record, manifest)` is called after each task, also for tasks a resumed chain skips
+    (a Tune trial reports its objective there).
+    """
     import ray
 
     from pipeline.tracking import ChainTracker, default_tracking_uri
@@ -205,7 +212,8 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
 
     with tracker:
         manifest.mlflow_run_id = tracker.start(
-            config.run_name, params=config_data, tags=_provenance_tags(), config_file=config_file, resume_run_id=manifest.mlflow_run_id
+            config.run_name, params=config_data, tags=provenance_tags() | (tags or {}), config_file=config_file,
+            resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id,
         )
         manifest.save(run_dir)
         if manifest.zero_shot is None:
@@ -215,7 +223,13 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
         data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
         for index, task in enumerate(tasks):
             if manifest.is_done(index):
+                record = manifest.task(index)
+                if record.mlflow_run_id is None:  # the driver stopped between recording the task and logging it
+                    record.mlflow_run_id = _log_task(tracker, manifest, record, Path(record.state_dir), config)
+                    manifest.save(run_dir)
                 console.print(f"[dim]task {index + 1}/{len(tasks)} {task.name}: finished earlier, skipped[/]")
+                if on_task_done:
+                    on_task_done(record, manifest)
                 continue
             started = time.monotonic()
             previous = manifest.last_state()
@@ -236,6 +250,8 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
             record.mlflow_run_id = _log_task(tracker, manifest, record, state_dir, config)
             manifest.save(run_dir)
             console.print(f"  test {_format(scores['test'])}  ({time.monotonic() - started:.0f} s)")
+            if on_task_done:
+                on_task_done(record, manifest)
 
         if manifest.adapter_dir is None:
             # the consolidated adapter as a plain peft LoRA, and the finished manifest, on the chain's run
@@ -247,8 +263,9 @@ def run_chain(config: RunConfig, config_file: Path | None = None) -> ChainResult
 
 
 def _log_task(tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig) -> str:
-    test_matrix = manifest.matrix("test")
-    validation_matrix = manifest.matrix("validation")
+    rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
+    test_matrix = manifest.matrix("test")[:rows]
+    validation_matrix = manifest.matrix("validation")[:rows]
     summary = metrics.summary(test_matrix)
     task_metrics = {f"test/{name}": score for name, score in record.test.items()}
     task_metrics |= {f"validation/{name}": score for name, score in record.validation.items()}
@@ -272,7 +289,7 @@ def _format(scores: dict[str, float]) -> str:
     return "  ".join(f"{name} {score:.3f}" for name, score in scores.items())
 
 
-def _provenance_tags() -> dict[str, str]:
+def provenance_tags() -> dict[str, str]:
     """Git commit and package versions, so runs are comparable and reproducible."""
     import subprocess
     from importlib.metadata import PackageNotFoundError, version

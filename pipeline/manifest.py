@@ -79,6 +79,9 @@ class Manifest:
     def is_done(self, index: int) -> bool:
         return any(record.index == index for record in self.tasks)
 
+    def task(self, index: int) -> TaskRecord:
+        return next(record for record in self.tasks if record.index == index)
+
     def last_state(self) -> Path | None:
         return Path(self.tasks[-1].state_dir) if self.tasks else None
 

@@ -371,8 +371,11 @@ class ChainTracker:
     # --------------------------------------------------------------- the chain run
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], config_file: Path | None,
-              resume_run_id: str | None = None) -> str:
+              resume_run_id: str | None = None, parent_run_id: str | None = None) -> str:
         """Start the chain's parent run, or resume run ``resume_run_id`` (a re-submitted chain); returns its id.
+
+        ``parent_run_id`` nests the chain run itself under another run (a Tune sweep's run: sweep ->
+        trial chains -> tasks).
 
         Params are flattened (nested dicts -> dotted keys) and truncated to MLflow's value limit. On
         resume only params not yet logged are logged; one logged with another value raises TrackingError
@@ -388,13 +391,14 @@ class ChainTracker:
                 run = self._client.get_run(resume_run_id)
                 if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
                     raise TrackingError(f"run {resume_run_id} is not an active run of experiment {self.experiment_id} at {self._safe_uri}")
-                if MLFLOW_PARENT_RUN_ID in run.data.tags:
+                if TASK_INDEX_TAG in run.data.tags:
                     raise TrackingError(f"run {resume_run_id} is a task's nested run, not a chain run")
                 clean_params = self._new_params(resume_run_id, clean_params)
                 self._client.update_run(resume_run_id, status="RUNNING")
                 run_id = resume_run_id
             else:
-                run_id = self._client.create_run(self.experiment_id, run_name=run_name).info.run_id
+                nesting = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
+                run_id = self._client.create_run(self.experiment_id, run_name=run_name, tags=nesting).info.run_id
             self.parent_run_id = run_id
             self._log_batch(run_id, params=clean_params, tags=clean_tags)
             if config_file is not None:
@@ -515,6 +519,28 @@ class ChainTracker:
         with self._store_errors("logging chain artifacts"):
             for name, local in artifacts.items():
                 self._log_artifacts(parent, local, name)
+
+    def log_summary(self, metrics: Mapping[str, float], tags: Mapping[str, Any] | None = None) -> None:
+        """Final metrics (step 0) and tags on the parent run, e.g. a sweep's best objective."""
+        parent = self._require_parent()
+        now = int(time.time() * 1000)
+        with self._store_errors("logging the summary"):
+            self._log_batch(parent, metrics=[Metric(k, _metric_value(v), now, 0) for k, v in metrics.items()],
+                            tags=_clean_tags(tags or {}))
+
+    def end_running_children(self, status: str, tags: Mapping[str, Any]) -> list[str]:
+        """End the parent's nested runs still RUNNING (their process was stopped from outside, e.g. a Tune
+        trial stopped early) as ``status`` with ``tags``; returns their ids."""
+        parent = self._require_parent()
+        with self._store_errors("ending stopped nested runs"):
+            running = self._client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'",
+                run_view_type=ViewType.ACTIVE_ONLY,
+            )
+            for run in running:
+                self._log_batch(run.info.run_id, tags=_clean_tags(tags))
+                self._client.set_terminated(run.info.run_id, status)
+        return [run.info.run_id for run in running]
 
     def _open_task_run(self, parent: str, task_index: int, task_name: str, existing: Run | None) -> str:
         if existing is None:
