@@ -180,7 +180,9 @@ def _remote(fn, config: RunConfig, cpus: float):
     """`fn` as a Ray task with `cpus` CPUs (see `_task_cpus`) and a GPU when training uses one."""
     import ray
 
-    return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0)(fn)
+    # an explicit strategy: inside a Tune trial the default would place the task in the trial's
+    # placement group, which holds no CPUs (its Ray Train workers get their own)
+    return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0, scheduling_strategy="DEFAULT")(fn)
 
 
 def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,

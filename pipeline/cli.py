@@ -4,6 +4,7 @@
     python -m pipeline plan configs/demo.yaml
     python -m pipeline eval configs/demo.yaml --checkpoint runs/demo/checkpoints/task_3
     python -m pipeline export configs/demo.yaml --checkpoint runs/demo/checkpoints/task_3 --out adapter/
+    python -m pipeline tune configs/demo.yaml --space tune_spaces/procl.yaml --trials 8
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(export)
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    tune = commands.add_parser("tune", help="Ray Tune sweep (Optuna + ASHA) of a chain over a search space; same name resumes")
+    _add_config_arguments(tune)
+    tune.add_argument("--space", type=Path, required=True, help="search space YAML (see tune_spaces/)")
+    tune.add_argument("--trials", type=int, default=8, help="number of trials (default 8)")
+    tune.add_argument("--name", help="sweep name (default RUN_NAME-SPACE); folder <output_dir>/sweeps/NAME")
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+    tune.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
     return parser
 
 
@@ -69,7 +77,7 @@ def plan(config: RunConfig) -> dict:
         "strategy": config.strategy.name,
         "model": config.model.name,
         "workers": config.scaling.num_workers,
-        "resources_per_worker": {"CPU": config.scaling.cpus_per_worker} | ({"GPU": 1} if config.scaling.use_gpu else {}),
+        "resources_per_worker": config.scaling.worker_resources(),
         "zero_stage": config.deepspeed.zero_stage,
         "tasks": rows,
         "estimated_minutes_cpu": round((zero_shot + sum(r["train_s"] + r["eval_s"] for r in rows)) / 60 + len(rows) * 0.5, 1),
@@ -108,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adapter (plain peft LoRA): {result.adapter_dir}")
             print(f"MLflow store: {result.tracking_uri}")
             print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+        elif args.command == "tune":
+            from pipeline.tune import run_sweep
+
+            sweep = run_sweep(config, args.config, args.space, args.trials, args.name, args.max_concurrent, args.seed)
+            console.print(f"[bold green]sweep finished[/]: {sweep.trials} trials, best {sweep.best_trial} "
+                          f"(validation objective {sweep.best_objective:.3f}) with {sweep.best_values}")
+            print(f"best config: {sweep.best_config}")
+            print(f"run it: python -m pipeline run {sweep.best_config}")
+            print(f"open the UI: mlflow ui --backend-store-uri {sweep.tracking_uri} --host 127.0.0.1")
         elif args.command == "eval":
             from pipeline.chain import evaluate_state, select_tasks
 

@@ -144,13 +144,18 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key.path=value")
     path, raw = assignment.split("=", 1)
-    keys = path.strip().split(".")
+    set_path(data, path.strip(), yaml.safe_load(raw), where=f"--set {assignment!r}")
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
+    """Set `data[a][b][c] = value` for `dotted` = "a.b.c", creating sections as needed."""
+    keys = dotted.split(".")
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {key!r} is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+            raise ConfigError(f"{where}: {key!r} is not a section")
+    node[keys[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
@@ -170,6 +175,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"{path}: expected a mapping of sections (model, stream, strategy, ...)")
     for assignment in overrides:
         apply_override(data, assignment)
+    return validate_config(data, where)
+
+
+def validate_config(data: dict[str, Any], where: str) -> RunConfig:
+    """Validate a raw config mapping; errors name `where` and the field path."""
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
