@@ -4,7 +4,8 @@ Reads top to bottom like Ray's DeepSpeed fine-tuning example. The same code runs
 machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` differs.
 
 Checkpoints (`ray.train.report`) hold `state/` (procl.checkpoint: adapter + strategy state,
-safetensors + JSON) and `progress.json` (optimizer steps done, training losses). A worker failure
+safetensors + JSON) and `progress.json` (optimizer steps done, training losses, and the steps at
+which the task resumed after failures). A worker failure
 restarts the group from the last one (`FailureConfig`); the task's end is always one.
 """
 
@@ -106,6 +107,9 @@ def train_task(loop_config: dict[str, Any]) -> None:
         with resume.as_directory() as folder:
             load_strategy_state(strategy, model, Path(folder) / STATE)
             progress = json.loads(Path(folder, PROGRESS).read_text())
+        progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
+        if ray.train.get_context().get_world_rank() == 0:
+            print(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']}", flush=True)
     else:
         if loop_config["previous_state"] is not None:
             load_strategy_state(strategy, model, loop_config["previous_state"])
