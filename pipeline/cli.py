@@ -58,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def plan(config: RunConfig) -> dict:
     """What `run` will do: tasks, sizes, steps, workers, resources, a rough time estimate."""
     from pipeline.chain import select_tasks, steps_per_task
+    from pipeline.models import load_tokenizer
+    from pipeline.streams import check_answers_tokenize
 
     tasks = select_tasks(config)
+    check_answers_tokenize(tasks, load_tokenizer(config.model))  # the model spec and answer words, as `run` checks them
     tokens_per_step = config.training.batch_size * config.training.gradient_accumulation * config.training.max_length / 2
     train_rate = SECONDS_PER_TRAIN_TOKEN["bfloat16" if config.deepspeed.bf16 else "float32"]
     rows = []

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import ModelSpec
+from pipeline.validation import validation_problems, yaml_problem
 from procl import LoraSettings, ProCLConfig
 from procl.strategies import STRATEGIES
 
@@ -128,6 +129,10 @@ class RunConfig(_Strict):
     def _compatible(self) -> "RunConfig":
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.strategy.name == "o_lora" and self.deepspeed.zero_stage == 3:
+            # its orthogonality loss reads whole LoRA factors outside the forward, where ZeRO-3 keeps only shards
+            raise ValueError("strategy o_lora does not run under deepspeed.zero_stage 3 (its orthogonality loss needs "
+                             "whole LoRA factors); use zero_stage 0-2 (LoRA weights are small) or another strategy")
         return self
 
     def run_dir(self) -> Path:
@@ -170,7 +175,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not a valid YAML file ({error})") from error
+            raise ConfigError(f"{path}: not a valid YAML file ({yaml_problem(error) if isinstance(error, yaml.YAMLError) else 'not UTF-8 text'})") from error
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, stream, strategy, ...)")
     for assignment in overrides:
@@ -183,5 +188,4 @@ def validate_config(data: dict[str, Any], where: str) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"{where}: {problems}") from error
+        raise ConfigError(f"{where}: {validation_problems(error)}") from error

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline import sources
 from pipeline.prompts import format_prompt, target_continuation
+from pipeline.validation import validation_problems, yaml_problem
 
 SPLITS = ("train", "validation", "test")
 
@@ -134,14 +135,13 @@ def parse_stream(path: str | Path) -> StreamSpec:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise StreamError(f"{path}: not valid YAML ({error})") from error
+        raise StreamError(f"{path}: not valid YAML ({yaml_problem(error)})") from error
     if not isinstance(data, dict):
         raise StreamError(f"{path}: expected a mapping with name, tasks and orders")
     try:
         return StreamSpec.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors())
-        raise StreamError(f"{path}: {problems}") from error
+        raise StreamError(f"{path}: {validation_problems(error)}") from error
 
 
 # -- building tasks --------------------------------------------------------------------------------

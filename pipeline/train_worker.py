@@ -33,9 +33,13 @@ PROGRESS = "progress.json"
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
     """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles)."""
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
-    if config.deepspeed.offload_optimizer:
+    offload = config.deepspeed.offload_optimizer
+    if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
+        # with offload the client AdamW steps on DeepSpeed's CPU copies; DeepSpeed's own CPU Adam would
+        # JIT-compile first (~70 s, ~2 GB of compiler memory), and it refuses a client optimizer unless told
+        "zero_force_ds_cpu_optimizer": not offload,
         "train_micro_batch_size_per_gpu": config.training.batch_size,
         "gradient_accumulation_steps": config.training.gradient_accumulation,
         "gradient_clipping": 1.0,

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 
 from pipeline.config import ConfigError, RunConfig, set_path, validate_config
+from pipeline.validation import validation_problems, yaml_problem
 from procl import metrics
 
 console = Console()
@@ -131,14 +132,13 @@ def load_space(path: Path, base: dict[str, Any]) -> SearchSpace:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{where}: not a valid YAML file ({error})") from error
+        raise ConfigError(f"{where}: not a valid YAML file ({yaml_problem(error) if isinstance(error, yaml.YAMLError) else 'not UTF-8 text'})") from error
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with params (and optionally fixed, max_tasks, objective, asha)")
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors())
-        raise ConfigError(f"{where}: {problems}") from error
+        raise ConfigError(f"{where}: {validation_problems(error)}") from error
     check_space(space, base, where)
     return space
 

@@ -1,0 +1,143 @@
+"""Every strategy x DeepSpeed ZeRO stage 0-3 (x optimizer offload) on 2 gloo ranks, with the pipeline's
+own DeepSpeed config (`pipeline.train_worker.deepspeed_config`): two tasks trained through the strategy
+hooks (consolidation included), the state saved, and the export reloaded in vanilla peft reproducing the
+model. The outcome of each cell is the table in docs/ZERO_COMPAT.md; the test fails if the docs disagree
+with what it measured. Regenerate it with `PROCL_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_zero_compat.py`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import batch, tiny_llama
+from peft import PeftModel
+
+from pipeline.config import ConfigError, load_config
+from pipeline.train_worker import deepspeed_config
+from procl import make_strategy
+from procl.checkpoint import load_strategy_state, save_strategy_state
+from procl.strategies import STRATEGIES
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "ZERO_COMPAT.md"
+CELLS = [(0, False), (1, False), (1, True), (2, False), (2, True), (3, False), (3, True)]
+TASKS, STEPS = 2, 2
+
+
+def _config(name: str, stage: int, offload: bool):
+    return load_config(None, [f"strategy.name={name}", "strategy.lora.r=4", "strategy.procl.num_slots=2",
+                              "training.batch_size=4", "training.lr=0.01",
+                              f"deepspeed.zero_stage={stage}", f"deepspeed.offload_optimizer={str(offload).lower()}"])
+
+
+def _train_cell(rank: int, name: str, stage: int, offload: bool, state_dir: Path) -> None:
+    import deepspeed
+
+    config = _config(name, stage, offload)
+    for task in range(TASKS):
+        strategy = make_strategy(name, seed=0, **config.strategy.options())
+        model = strategy.build(tiny_llama())
+        if task > 0:
+            load_strategy_state(strategy, model, state_dir)
+        strategy.before_task(model, task)
+        optimizer = torch.optim.AdamW(strategy.param_groups(model, config.training.lr), lr=config.training.lr)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+        engine.train()
+        for step in range(STEPS):
+            ids = batch(seed=100 * task + 10 * rank + step)
+            loss = engine(input_ids=ids, labels=ids).loss
+            extra = strategy.extra_loss(model)
+            engine.backward(loss if extra is None else loss + extra)
+            engine.step()
+            strategy.after_optimizer_step(model, engine)
+        strategy.after_task(model, task, [f"example-{task}-{i}" for i in range(8)], engine)
+        save_strategy_state(strategy, model, state_dir)
+        engine.destroy()
+
+
+def _check_export(name: str, state_dir: Path, out: Path) -> None:
+    config = _config(name, 0, False)
+    strategy = make_strategy(name, seed=0, **config.strategy.options())
+    model = strategy.build(tiny_llama())
+    load_strategy_state(strategy, model, state_dir)
+    ids = batch(5)
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        merged = PeftModel.from_pretrained(tiny_llama(), str(strategy.export(model, out))).merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~64 s JIT build
+    deepspeed.init_distributed(dist_backend="gloo")
+    gc.freeze()  # DeepSpeed's many gc.collect() calls are slow with torch's objects in view
+    outcomes = {}
+    for name in sorted(STRATEGIES):
+        for stage, offload in CELLS:
+            cell = Path(out_dir) / f"{name}-z{stage}{'-offload' if offload else ''}"
+            try:
+                _train_cell(rank, name, stage, offload, cell / f"rank{rank}")
+                if rank == 0:
+                    _check_export(name, cell / "rank0", cell / "adapter")
+                outcome = "trains, consolidates, exports"
+            except ConfigError as error:  # refused by the run config before anything starts
+                outcome = f"refused: {str(error).split(': ', 1)[1]}"
+            except Exception as error:  # a cell's failure is its outcome; both ranks fail alike at initialize
+                outcome = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            outcomes[f"{name} z{stage}{' offload' if offload else ''}"] = outcome
+    if rank == 0:
+        Path(out_dir, "outcomes.json").write_text(json.dumps(outcomes, indent=1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_table(outcomes: dict[str, str]) -> str:
+    header = ["strategy"] + [f"ZeRO-{stage}{' + offload' if offload else ''}" for stage, offload in CELLS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    notes = []
+    for name in sorted(STRATEGIES):
+        row = [name]
+        for stage, offload in CELLS:
+            outcome = outcomes[f"{name} z{stage}{' offload' if offload else ''}"]
+            if outcome.startswith("trains"):
+                row.append("ok")
+            else:
+                notes.append(f"{len(notes) + 1}. {name}, ZeRO-{stage}{' + offload' if offload else ''}: {outcome}")
+                row.append(f"{outcome.split(':')[0]} ({len(notes)})")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def test_every_strategy_under_every_zero_stage(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
+    table = render_table(outcomes)
+    if os.environ.get("PROCL_WRITE_DOCS") == "1":
+        text = DOCS.read_text()
+        start = text.index("<!-- table -->") + len("<!-- table -->\n")
+        end = text.index("<!-- /table -->")
+        DOCS.write_text(text[:start] + table + text[end:])
+    assert table in DOCS.read_text(), f"docs/ZERO_COMPAT.md is out of date; measured:\n{table}"
+    failing = {cell: outcome for cell, outcome in outcomes.items() if outcome.startswith("fails")}
+    assert not failing, failing
+    refused = sorted(cell for cell, outcome in outcomes.items() if outcome.startswith("refused"))
+    assert refused == ["o_lora z3", "o_lora z3 offload"]
+
+
+def test_offload_without_zero_is_refused_before_training():
+    with pytest.raises(ConfigError, match="offload_optimizer needs deepspeed.zero_stage >= 1"):
+        _config("procl", 0, True)
