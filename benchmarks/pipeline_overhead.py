@@ -313,8 +313,10 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
 # -- the bare side -------------------------------------------------------------------------------------
 
 
-def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
-    """The same chain in one process: one model, plain torch AdamW, the same hooks and evaluation."""
+def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None = None) -> dict:
+    """The same chain in one process: one model, plain torch AdamW, the same hooks and evaluation.
+
+    `zero_shot` (test and validation scores of the untrained model) skips scoring it again."""
     import numpy as np
     import torch
 
@@ -333,7 +335,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
         return score_tasks(scored_model, tokenizer, seen, config)  # exactly the pipeline's scoring
 
     t = time.time()
-    zero_shot = evaluate(model, tasks)
+    zero_shot = zero_shot or evaluate(model, tasks)
     zero_shot_s = time.time() - t
 
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
@@ -341,7 +343,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
     merge = not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp)
-    rows_matrix = []
+    rows_matrix, validation_rows = [], []
     per_task = []
     for index, task in enumerate(tasks):
         task_start = time.time()
@@ -389,6 +391,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
         del scored
         eval_s = time.time() - t
         rows_matrix.append([scores["test"].get(other.name, math.nan) for other in tasks])
+        validation_rows.append([scores["validation"].get(other.name, math.nan) for other in tasks])
         per_task.append({"task": task.name, "tokenize_s": tokenize_s, "train_s": train_s, "eval_s": eval_s, "steps": steps,
                          "micro_batches": len(losses), "task_s": time.time() - task_start, "test": scores["test"]})
 
@@ -397,8 +400,10 @@ def run_bare(config, tasks, threads: int, out_dir: Path) -> dict:
     export_s = time.time() - t
     total = time.time() - start
     matrix = [[zero_shot["test"][task.name] for task in tasks]] + rows_matrix
+    validation_matrix = [[zero_shot["validation"][task.name] for task in tasks]] + validation_rows
     return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,
-            "per_task": per_task, "matrix": matrix, "summary": metrics.summary(matrix)}
+            "per_task": per_task, "matrix": matrix, "validation_matrix": validation_matrix, "zero_shot": zero_shot,
+            "summary": metrics.summary(matrix)}
 
 
 # -- report ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
     tasks = select_tasks(config)  # data problems fail here, before anything is written or started
     check_answers_tokenize(tasks, _tokenizer_factory(config)())
     names = [task.name for task in tasks]
+    _check_writable(run_dir)
     manifest = Manifest.open(run_dir, config.fingerprint(), names)
     # one default store for every chain under output_dir, so strategies compare side by side in one UI
     store_dir = run_dir.parent
@@ -262,6 +264,16 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             tracker.log_artifacts({"adapter": adapter, "manifest": manifest.save(run_dir)})
     matrix = manifest.matrix("test")
     return ChainResult(run_dir, matrix, metrics.summary(matrix), Path(manifest.adapter_dir), tracking_uri, manifest.mlflow_run_id)
+
+
+def _check_writable(run_dir: Path) -> None:
+    """Create the run folder and prove it writable now, not when the first task's checkpoint is due."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise RuntimeError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
 
 
 def _log_task(tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig) -> str:

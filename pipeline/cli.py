@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.chain import export_state
 
             console.print(f"adapter written to {export_state(config.model_dump(mode='json'), str(args.checkpoint), str(args.out))}")
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ConfigError, ValueError, OSError, RuntimeError) as error:  # OSError: unreadable input, disk full, ...
         print(f"error: {error}", file=sys.stderr)  # plain and unwrapped: scripts and logs read it
         return 2
     return 0

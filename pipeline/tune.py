@@ -202,6 +202,8 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], space: SearchSpac
             "mlflow_run_id": manifest.mlflow_run_id,
         })
 
+    # Results come from here, after each task's evaluation, not from the Ray Train workers through a
+    # TuneReportCallback: their step reports carry no objective, and Tune rejects such results.
     run_chain(config, config_file, parent_run_id=sweep_run_id, tags={"tune.sweep": sweep, "tune.trial_id": trial_id},
               on_task_done=report)
 
@@ -236,7 +238,7 @@ def run_sweep(config: RunConfig, config_file: Path | None, space_file: Path, tri
     name = name or f"{config.run_name}-{Path(space_file).stem}"
     sweep_dir = Path(config.output_dir).resolve() / "sweeps" / name
     trials_dir = sweep_dir / "trials"
-    fingerprint = hashlib.sha256(json.dumps([config.fingerprint(), space.model_dump(mode="json")], sort_keys=True).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256(json.dumps([config.fingerprint(), space.model_dump(mode="json"), trials], sort_keys=True).encode()).hexdigest()[:16]
     state = _open_sweep(sweep_dir, fingerprint)
     trials_dir.mkdir(parents=True, exist_ok=True)
     tracking_uri = config.tracking.uri or default_tracking_uri(Path(config.output_dir).resolve())
@@ -269,8 +271,10 @@ def run_sweep(config: RunConfig, config_file: Path | None, space_file: Path, tri
                 tune_config=tune.TuneConfig(
                     metric=OBJECTIVE, mode="max", num_samples=trials, max_concurrent_trials=concurrent,
                     search_alg=OptunaSearch(seed=seed),
+                    # stop_last_trials=False: a trial that reached the last task finishes its chain (export,
+                    # MLflow run ended) instead of being stopped at its last report
                     scheduler=ASHAScheduler(time_attr=TIME_AXIS, max_t=len(tasks), grace_period=space.asha.grace_period,
-                                            reduction_factor=space.asha.reduction_factor),
+                                            reduction_factor=space.asha.reduction_factor, stop_last_trials=False),
                 ),
                 run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), failure_config=tune.FailureConfig(max_failures=0)),
             )
@@ -297,7 +301,7 @@ def _open_sweep(sweep_dir: Path, fingerprint: str) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} is not readable ({error}); move the sweep folder aside to start over") from error
     if state.get("fingerprint") != fingerprint:
-        raise ConfigError(f"{sweep_dir} holds a sweep of another config or space; pass another --name to start a new sweep")
+        raise ConfigError(f"{sweep_dir} holds a sweep of another config, space or --trials; pass another --name to start a new sweep")
     return state
 
 

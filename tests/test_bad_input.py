@@ -124,6 +124,8 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
      lambda tmp: ["run", str(_config(tmp)), "--set", f"tracking.uri=sqlite:///{tmp}/no/such/mlflow.db"], "is not usable: its folder"),
     ("mlflow-unreachable", "MLflow server that does not answer", _with_config("--set", "tracking.uri=http://127.0.0.1:9", command="run"),
      "MLflow tracking server http://127.0.0.1:9 is not reachable"),
+    ("output-dir-file", "output_dir that is a file", lambda tmp: (tmp / "afile").write_text("x") and ["run", str(_config(tmp)), "--set", f"output_dir={tmp / 'afile'}"],
+     "output_dir: cannot write the run folder"),
     ("run-folder-other-chain", "run folder holding another chain",
      _run_folder(json.dumps({"fingerprint": "0" * 16, "task_names": ["amazon", "bbc", "yahoo"], "tasks": []})), "holds a chain with different settings"),
     ("manifest-corrupt", "run folder with a corrupt manifest", _run_folder('{"fingerprint": '), "is not a readable chain manifest"),

@@ -7,6 +7,7 @@ vanilla peft, and that a re-submitted chain skips the tasks a killed driver had 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -105,25 +107,31 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     assert "chain finished" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
 
 
+def kill_driver_when(args: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
+    """Run `python -m pipeline *args` and SIGKILL its process group (driver + the local Ray it started)
+    as soon as `ready()` is true; fails if the driver ends first or `ready()` never comes."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert driver.poll() is None, "the driver ended before the moment to kill it"
+            if time.monotonic() > deadline:
+                pytest.fail(f"the moment to kill the driver did not come within {timeout} s")
+            time.sleep(1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone if the driver ended on its own
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+
 def test_a_resubmitted_chain_skips_tasks_a_killed_driver_finished(tmp_path):
     config = write_config(tmp_path, "resume")
     run_dir = tmp_path / "runs" / "resume"
-    env = os.environ | {"HF_HUB_OFFLINE": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(config)], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    try:
-        while time.monotonic() < deadline:  # kill the driver once the first task is recorded
-            manifest_path = run_dir / "manifest.json"
-            if manifest_path.exists() and json.loads(manifest_path.read_text())["tasks"]:
-                break
-            assert driver.poll() is None, "the driver ended before finishing a task"
-            time.sleep(1)
-        else:
-            pytest.fail("the first task did not finish in time")
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
+    manifest_path = run_dir / "manifest.json"
+    # kill the driver once the first task is recorded
+    kill_driver_when(["run", str(config)], lambda: manifest_path.exists() and bool(json.loads(manifest_path.read_text())["tasks"]))
     recorded = json.loads((run_dir / "manifest.json").read_text())
     first = recorded["tasks"][0]
     # the kill may land before or after the task reached MLflow; make it "before" every time: the resumed

@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def cluster(request, monkeypatch):
-    """A head with 0 CPUs + 2 worker nodes x 1 CPU, all bound to 127.0.0.1; shut down by a finalizer."""
+    """A head with 0 CPUs + worker nodes of 1 CPU (2 unless parametrized), all on 127.0.0.1; shut down by a finalizer."""
     import ray
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -69,9 +69,10 @@ def cluster(request, monkeypatch):
         },
     )
     started.append(head)
-    workers = [head.add_node(num_cpus=1, resources={"worker_node": 1}, object_store_memory=OBJECT_STORE) for _ in range(2)]
+    count = getattr(request, "param", 2)  # worker nodes; parametrize the fixture indirectly for more
+    workers = [head.add_node(num_cpus=1, resources={"worker_node": 1}, object_store_memory=OBJECT_STORE) for _ in range(count)]
     head.wait_for_nodes()
-    return head, [node.node_id for node in workers]
+    return head, workers
 
 
 def test_the_chain_trains_across_two_nodes(cluster, tmp_path):
@@ -79,7 +80,8 @@ def test_the_chain_trains_across_two_nodes(cluster, tmp_path):
 
     from pipeline.chain import run_chain
 
-    head, worker_node_ids = cluster
+    head, worker_nodes = cluster
+    worker_node_ids = [node.node_id for node in worker_nodes]
     path = write_config(tmp_path, "multinode")
     config = load_config(path, [f"ray.address={head.address}", "scaling.resources_per_worker={worker_node: 1}"])
     assert config.scaling.worker_resources() == {"CPU": 1.0, "worker_node": 1.0}
@@ -123,3 +125,30 @@ def test_custom_worker_resources_are_validated(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message) as error:
         load_config(path, [f"scaling.resources_per_worker={value}"])
     assert "scaling.resources_per_worker" in str(error.value)
+
+
+@pytest.mark.parametrize("cluster", [3], indirect=True)
+def test_a_node_lost_mid_task_the_chain_continues_on_the_remaining_nodes(cluster, tmp_path):
+    """Three one-CPU worker nodes for two training workers: removing a node that runs one of them
+    mid-task makes Ray Train restart the group on the two left, from the task's last checkpoint."""
+    from ray.util.state import list_actors
+    from test_worker_failure import assert_resumed_and_complete, long_task_config, run_chain_with_fault
+
+    head, worker_nodes = cluster
+    cli_args, config = long_task_config(tmp_path, "node-loss", [f"ray.address={head.address}", "scaling.resources_per_worker={worker_node: 1}"])
+    removed: list[str] = []
+
+    def training_workers() -> list:
+        return list_actors(address=head.address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True, limit=1000)
+
+    def remove_a_training_node() -> bool:
+        busy = {actor.node_id for actor in training_workers()}
+        victim = next((node for node in worker_nodes if node.node_id in busy), None)
+        if victim is not None:
+            head.remove_node(victim)
+            removed.append(victim.node_id)
+        return victim is not None
+
+    run_chain_with_fault(cli_args, config, remove_a_training_node)  # the chain's driver joins this cluster
+    assert_resumed_and_complete(config)
+    assert all(actor.node_id != removed[0] for actor in training_workers())  # nothing runs on the lost node

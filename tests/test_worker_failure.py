@@ -1,24 +1,95 @@
 """A training worker killed mid-task: Ray Train restarts the worker group from the task's last in-task
-checkpoint (FailureConfig + `ray.train.get_checkpoint`) and the chain finishes with nothing lost or doubled."""
+checkpoint (FailureConfig + `ray.train.get_checkpoint`) and the chain finishes with nothing lost or doubled.
+
+The helpers here also serve the node-loss test in test_multinode.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import threading
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
-from test_chain import mlflow_runs, write_config
+from test_chain import ROOT, mlflow_runs, write_config
 
-from pipeline.config import load_config
+from pipeline.config import RunConfig, load_config
 
 pytestmark = pytest.mark.integration
 
-TRAIN_EXAMPLES = 64  # 8 optimizer steps per task with 2 workers x batch 4: room to kill between checkpoints
+TRAIN_EXAMPLES = 64  # 8 optimizer steps per task with 2 workers x batch 4: room to strike between checkpoints
+
+
+def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -> tuple[list[str], RunConfig]:
+    """CLI arguments and config of the chain tests' chain with 2 tasks of 8 steps, a checkpoint after every step."""
+    path = write_config(tmp_path, run_name)
+    stream = yaml.safe_load((tmp_path / "stream.yaml").read_text())
+    for task in stream["tasks"]:
+        task["sizes"]["train"] = TRAIN_EXAMPLES
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(stream))
+    settings = ["training.checkpoint_every=1", "stream.max_tasks=2", *overrides]
+    return ["run", str(path), *(arg for setting in settings for arg in ("--set", setting))], load_config(path, settings)
+
+
+def checkpoints_of(task_dir: Path) -> list[Path]:
+    """The checkpoint folders Ray Train persisted for a task (next to its checkpoint_manager_snapshot.json)."""
+    return [p for p in task_dir.glob("checkpoint_*") if p.is_dir()] if task_dir.is_dir() else []
+
+
+def registered_mid_task_checkpoint(task_dir: Path) -> bool:
+    """Ray Train's controller has registered an in-task checkpoint of this task: a restart would get it.
+    (A folder on disk is not enough: a worker killed before the controller polled it leaves an orphan.)"""
+    try:
+        latest = json.loads((task_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+    except (OSError, json.JSONDecodeError):
+        return False  # not written yet, or being replaced right now
+    return bool(latest) and "task_done" not in latest["metrics"]
+
+
+def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callable[[], bool], timeout: float = 600) -> None:
+    """`python -m pipeline *cli_args` in its own process (a fresh Ray per chain), while this process calls
+    `strike()` every 0.2 s, once task 0 has a registered in-task checkpoint, until it returns True.
+    Fails if the chain fails or the fault never happened."""
+    log = config.run_dir().parent / f"{config.run_name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        chain = subprocess.Popen([sys.executable, "-m", "pipeline", *cli_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                 env=os.environ | {"HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        struck, deadline = False, time.monotonic() + timeout
+        try:
+            while chain.poll() is None and time.monotonic() < deadline:
+                if not struck and registered_mid_task_checkpoint(config.run_dir() / "ray" / "task_0"):
+                    struck = strike()
+                time.sleep(0.2)
+        finally:
+            if chain.poll() is None:
+                os.killpg(chain.pid, signal.SIGKILL)
+            chain.wait()
+    assert chain.returncode == 0, log.read_text()[-5000:]
+    assert struck, "the fault never happened: the test did not exercise a failure"
+
+
+def assert_resumed_and_complete(config: RunConfig) -> None:
+    """Task 0 resumed from an in-task checkpoint; both tasks have every step once; one MLflow run per task."""
+    final = max(checkpoints_of(config.run_dir() / "ray" / "task_0"), key=lambda p: p.stat().st_mtime)
+    resumed_at = json.loads((final / "progress.json").read_text()).get("resumed_at")
+    assert resumed_at and all(step >= 1 for step in resumed_at), resumed_at
+    manifest = json.loads((config.run_dir() / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc"] and manifest["adapter_dir"]
+    steps = TRAIN_EXAMPLES // (config.training.batch_size * config.scaling.num_workers)
+    # the resumed worker kept the losses up to its checkpoint and trained the rest: every step once
+    assert all(len(record["losses"]) == steps for record in manifest["tasks"])
+    assert all(0.0 <= s <= 1.0 for s in manifest["tasks"][-1]["test"].values())
+    _, runs = mlflow_runs(config.run_dir())
+    tasks = [r for r in runs if "task_index" in r.data.tags]
+    assert sorted(r.data.tags["task_index"] for r in tasks) == ["0", "1"]  # no duplicate or dangling task runs
+    assert all(r.info.status == "FINISHED" for r in runs)
 
 
 def _training_workers() -> list[int]:
@@ -32,60 +103,14 @@ def _training_workers() -> list[int]:
     return pids
 
 
-def _checkpoints(task_dir: Path) -> list[Path]:
-    """The checkpoint folders Ray Train persisted for a task (next to its checkpoint_manager_snapshot.json)."""
-    return [p for p in task_dir.glob("checkpoint_*") if p.is_dir()]
-
-
-def _kill_a_worker_after_two_checkpoints(task_dir: Path, killed: list[int], seen: set[int], stop: threading.Event) -> None:
-    while not stop.is_set():
-        workers = _training_workers()
-        seen.update(workers)
-        # two checkpoints on disk: the first is surely registered with Ray Train by then
-        if not killed and workers and task_dir.is_dir() and len(_checkpoints(task_dir)) >= 2:
-            os.kill(workers[-1], signal.SIGKILL)
-            killed.append(workers[-1])
-        time.sleep(0.2)
-
-
 def test_a_killed_training_worker_resumes_from_the_last_checkpoint(tmp_path):
-    import ray
-    from pipeline.chain import run_chain, select_tasks, steps_per_task
+    cli_args, config = long_task_config(tmp_path, "worker-kill")
 
-    path = write_config(tmp_path, "worker-kill")
-    stream = yaml.safe_load((tmp_path / "stream.yaml").read_text())
-    for task in stream["tasks"]:
-        task["sizes"]["train"] = TRAIN_EXAMPLES
-    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(stream))
-    config = load_config(path, ["training.checkpoint_every=1", "stream.max_tasks=2"])
+    def kill_a_worker() -> bool:
+        workers = _training_workers()
+        if workers:
+            os.kill(workers[-1], signal.SIGKILL)
+        return bool(workers)
 
-    killed: list[int] = []
-    seen: set[int] = set()
-    stop = threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after_two_checkpoints,
-                              args=(config.run_dir() / "ray" / "task_0", killed, seen, stop), daemon=True)
-    killer.start()
-    try:
-        result = run_chain(config, path)
-    finally:
-        stop.set()
-        killer.join()
-        ray.shutdown()
-    assert killed, "no worker was killed: the test did not exercise a failure"
-    assert len(seen) > 2 * 2  # 2 workers per task, plus the replacement(s) for task 0's restarted group
-
-    # the restarted group resumed from an in-task checkpoint, not from the start of the task
-    final = max(_checkpoints(config.run_dir() / "ray" / "task_0"), key=lambda p: p.stat().st_mtime)
-    resumed_at = json.loads((final / "progress.json").read_text()).get("resumed_at")
-    assert resumed_at and all(step >= 1 for step in resumed_at), resumed_at
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
-    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc"]
-    steps = steps_per_task(config, select_tasks(config)[0])
-    for record in manifest["tasks"]:
-        # the resumed worker kept the losses up to its checkpoint and trained the rest: every step once
-        assert len(record["losses"]) == steps
-    assert len(result.matrix) == 3 and all(0.0 <= s <= 1.0 for s in manifest["tasks"][-1]["test"].values())
-    _, runs = mlflow_runs(result.run_dir)
-    tasks = [r for r in runs if "task_index" in r.data.tags]
-    assert sorted(r.data.tags["task_index"] for r in tasks) == ["0", "1"]  # no duplicate or dangling task runs
-    assert all(r.info.status == "FINISHED" for r in runs)
+    run_chain_with_fault(cli_args, config, kill_a_worker)
+    assert_resumed_and_complete(config)

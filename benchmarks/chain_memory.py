@@ -1,0 +1,123 @@
+"""Memory over a long chain: peak RSS per task of the driver and of every Ray process it started.
+
+    .venv/bin/python benchmarks/chain_memory.py                 # 12 small tasks, tiny Llama, 2 workers (~6 min)
+    .venv/bin/python benchmarks/chain_memory.py --tasks 20 --set model.name=smollm2-135m
+
+Runs one chain through `pipeline.chain.run_chain` (local Ray, Ray Data, Ray Train + DeepSpeed, MLflow)
+on a stream of small tasks from the bundled datasets, sampling the resident memory of the driver
+process and of all its descendants (GCS, raylet, Ray workers: training workers, evaluation tasks,
+Ray Data actors) every 0.5 s. Per task it reports the peak total, and the driver's and the total
+after the task; the slope of the after-task total over tasks 2..T shows growth (target: flat, beyond
+the checkpoint files, which are on disk, not in memory). One JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
+import yaml  # noqa: E402
+
+from pipeline.chain import run_chain  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+DATASETS = ["amazon", "bbc", "yahoo", "dbpedia", "banking", "clinc", "hwu", "stackoverflow"]
+MIB = 1024 * 1024
+
+
+def _tree_rss() -> tuple[int, int]:
+    """(driver RSS, driver + all descendants RSS) in bytes."""
+    me = psutil.Process()
+    driver = me.memory_info().rss
+    total = driver
+    for child in me.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:
+            pass  # ended between listing and reading
+    return driver, total
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss()[1])
+            time.sleep(0.5)
+
+    def take_peak(self) -> int:
+        peak, self.peak = self.peak, 0
+        return peak
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_stream(folder: Path, count: int) -> Path:
+    tasks = []
+    for index in range(count):
+        dataset = DATASETS[index % len(DATASETS)]
+        tasks.append({"name": f"{dataset}_{index}", "source": {"type": "bundled", "dataset": dataset}, "classes": 3,
+                      "instruction": f"Classify this {dataset} text.", "max_input_chars": 160,
+                      "sizes": {"train": 16, "validation": 4, "test": 8}})
+    path = folder / "stream.yaml"
+    path.write_text(yaml.safe_dump({"name": "long", "seed": 0, "tasks": tasks, "orders": {"main": [t["name"] for t in tasks]}}))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=12)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="procl-memory-") as tmp:
+        stream = write_stream(Path(tmp), args.tasks)
+        config = load_config(None, [
+            "run_name=memory", f"output_dir={tmp}/runs", "model.name=tiny-llama", f"stream.path={stream}",
+            "strategy.lora.r=4", "strategy.procl.num_slots=2", "training.batch_size=4", "training.max_length=96",
+            "ray.num_cpus=2", *args.overrides,
+        ])
+        rows: list[dict[str, float]] = []
+        with Sampler() as sampler:
+            def after_task(record, manifest) -> None:
+                driver, total = _tree_rss()
+                rows.append({"task": record.index + 1, "peak_total_mib": max(sampler.take_peak(), total) / MIB,
+                             "after_driver_mib": driver / MIB, "after_total_mib": total / MIB})
+                print(f"task {record.index + 1}: peak {rows[-1]['peak_total_mib']:.0f} MiB, after: driver "
+                      f"{rows[-1]['after_driver_mib']:.0f} MiB, all {rows[-1]['after_total_mib']:.0f} MiB", flush=True)
+
+            run_chain(config, on_task_done=after_task)
+
+    tasks = np.array([r["task"] for r in rows[1:]])
+    slope_total = float(np.polyfit(tasks, [r["after_total_mib"] for r in rows[1:]], 1)[0])
+    slope_driver = float(np.polyfit(tasks, [r["after_driver_mib"] for r in rows[1:]], 1)[0])
+    print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
+    for r in rows:
+        print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
+    print(json.dumps({
+        "benchmark": "chain_memory", "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
+        "slope_after_total_mib_per_task": round(slope_total, 2), "slope_after_driver_mib_per_task": round(slope_driver, 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Method quality: every strategy on the standard stream, 3 orders x seeds, the same budget for all.
+
+    .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality          # CPU size (~2 h; background it)
+    .venv/bin/python benchmarks/cl_quality.py --out runs/clq-quick --quick   # 1 order, 1 seed, tiny Llama (~5 min)
+    .venv/bin/python benchmarks/cl_quality.py --out runs/clq-big --train 400 --validation 80 --test 160 --seeds 0 1 2
+
+Each run is one chain of the standard stream (configs/streams/standard.yaml, resized with --train /
+--validation / --test) in one process with `run_bare` from pipeline_overhead.py: the pipeline's
+tokenisation, strategy hooks, optimizer steps and scoring, without Ray's per-task start-up, so the
+table fits on a 2-core CPU. Every strategy gets the same config (configs/demo.yaml's model, LoRA
+settings, learning rate, steps) — no method is tuned on test data; the zero-shot row is scored once
+per order and seed and shared. Results are appended to `<out>/runs.jsonl` as each chain finishes, and
+a re-run skips chains already there (the run is resumable). Prints the table (mean +- std over orders
+and seeds of final average accuracy, BWT and forgetting, test and validation) and one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+from pipeline_overhead import run_bare  # noqa: E402
+
+from pipeline.chain import select_tasks  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+from procl import metrics  # noqa: E402
+
+STRATEGIES = ["seq_lora", "inc_lora", "o_lora", "replay", "procl", "multitask"]
+ORDERS = ["order1", "order2", "order3"]
+
+
+def resized_stream(out: Path, train: int, validation: int, test: int) -> Path:
+    spec = yaml.safe_load((ROOT / "configs" / "streams" / "standard.yaml").read_text())
+    for task in spec["tasks"]:
+        task["sizes"] = {"train": train, "validation": validation, "test": min(test, task["sizes"]["test"])}
+    path = out / "stream.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="results folder (runs.jsonl; re-running resumes)")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--orders", nargs="+", default=ORDERS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--train", type=int, default=128, help="training examples per task")
+    parser.add_argument("--validation", type=int, default=16)
+    parser.add_argument("--test", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny Llama, order1, seed 0, 16/4/8 examples: checks the script")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every run, e.g. strategy.procl.tau=0.5")
+    args = parser.parse_args()
+    if args.quick:
+        args.orders, args.seeds, args.train, args.validation, args.test = ["order1"], [0], 16, 4, 8
+        args.overrides = ["model.name=tiny-llama", *args.overrides]
+    args.out.mkdir(parents=True, exist_ok=True)
+    stream = resized_stream(args.out, args.train, args.validation, args.test)
+    results_file = args.out / "runs.jsonl"
+    done = {(r["strategy"], r["order"], r["seed"]): r for r in map(json.loads, results_file.read_text().splitlines())} \
+        if results_file.exists() else {}
+
+    # one worker's batches: the bare loop's optimizer step is num_workers x batch_size rows
+    common = [f"stream.path={stream}", "scaling.num_workers=1", *args.overrides]
+    started = time.time()
+    for order in args.orders:
+        for seed in args.seeds:
+            zero_shot = None
+            for name in args.strategies:
+                if (name, order, seed) in done:
+                    zero_shot = done[(name, order, seed)]["zero_shot"]
+                    continue
+                config = load_config(args.config, [*common, f"stream.order={order}", f"training.seed={seed}", f"strategy.name={name}"])
+                tasks = select_tasks(config)
+                run_started = time.time()
+                result = run_bare(config, tasks, args.threads, args.out / "adapters" / f"{name}-{order}-{seed}", zero_shot=zero_shot)
+                zero_shot = result["zero_shot"]
+                record = {"strategy": name, "order": order, "seed": seed, "tasks": [t.name for t in tasks],
+                          "matrix": result["matrix"], "validation_matrix": result["validation_matrix"], "zero_shot": zero_shot,
+                          "seconds": round(time.time() - run_started, 1)}
+                with results_file.open("a") as out:
+                    out.write(json.dumps(record) + "\n")
+                done[(name, order, seed)] = record
+                summary = metrics.summary(record["matrix"])
+                print(f"{name:<10} {order} seed {seed}: AA {summary['average_accuracy']:.3f}  BWT {summary['backward_transfer']:+.3f}  "
+                      f"({record['seconds']:.0f} s)", flush=True)
+
+    rows = {}
+    for name in args.strategies:
+        runs = [done[(name, o, s)] for o in args.orders for s in args.seeds if (name, o, s) in done]
+        test = [metrics.summary(r["matrix"]) for r in runs]
+        validation = [metrics.summary(r["validation_matrix"]) for r in runs]
+        rows[name] = {
+            "runs": len(runs),
+            **{f"test_{k}": [t[k] for t in test] for k in ("average_accuracy", "backward_transfer", "forgetting")},
+            "validation_average_accuracy": [v["average_accuracy"] for v in validation],
+        }
+    print(f"\n{'strategy':<10} {'runs':>4}  {'test AA':>15}  {'test BWT':>16}  {'forgetting':>15}  {'validation AA':>15}")
+    for name, row in rows.items():
+        print(f"{name:<10} {row['runs']:>4}  {_mean_std(row['test_average_accuracy']):>15}  {_mean_std(row['test_backward_transfer']):>16}  "
+              f"{_mean_std(row['test_forgetting']):>15}  {_mean_std(row['validation_average_accuracy']):>15}")
+    print(json.dumps({"benchmark": "cl_quality", "orders": args.orders, "seeds": args.seeds,
+                      "sizes": {"train": args.train, "validation": args.validation, "test": args.test},
+                      "overrides": args.overrides, "seconds": round(time.time() - started, 1), "per_strategy": rows}))
+
+
+if __name__ == "__main__":
+    main()
