@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -177,13 +177,19 @@ def _task_cpus(config: RunConfig) -> float:
     return max(config.scaling.cpus_per_worker, min(total, largest))
 
 
-def _remote(fn, config: RunConfig, cpus: float):
-    """`fn` as a Ray task with `cpus` CPUs (see `_task_cpus`) and a GPU when training uses one."""
+@cache
+def _remote_function(fn):
+    """One Ray remote function per `fn`, exported to the cluster once rather than at every task."""
     import ray
 
+    return ray.remote(fn)
+
+
+def _remote(fn, config: RunConfig, cpus: float):
+    """`fn` as a Ray task with `cpus` CPUs (see `_task_cpus`) and a GPU when training uses one."""
     # an explicit strategy: inside a Tune trial the default would place the task in the trial's
     # placement group, which holds no CPUs (its Ray Train workers get their own)
-    return ray.remote(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0, scheduling_strategy="DEFAULT")(fn)
+    return _remote_function(fn).options(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0, scheduling_strategy="DEFAULT")
 
 
 def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,
