@@ -1,6 +1,6 @@
 """Method quality: every strategy on the standard stream, 3 orders x seeds, the same budget for all.
 
-    .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality          # CPU size (~2 h; background it)
+    .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality          # CPU size (~8 min per chain, ~4.5 h: background it)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-quick --quick   # 1 order, 1 seed, tiny Llama (~5 min)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-big --train 400 --validation 80 --test 160 --seeds 0 1 2
 
@@ -77,6 +77,12 @@ def main() -> None:
         args.orders, args.seeds, args.train, args.validation, args.test = ["order1"], [0], 16, 4, 8
         args.overrides = ["model.name=tiny-llama", *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
+    # results of one folder must come from one setting: a resumed table refuses other sizes or overrides
+    settings = {"config": str(args.config), "sizes": [args.train, args.validation, args.test], "overrides": args.overrides}
+    settings_file = args.out / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise SystemExit(f"error: {args.out} holds results of other settings ({settings_file.read_text().strip()}); use another --out")
+    settings_file.write_text(json.dumps(settings))
     stream = resized_stream(args.out, args.train, args.validation, args.test)
     results_file = args.out / "runs.jsonl"
     done = {(r["strategy"], r["order"], r["seed"]): r for r in map(json.loads, results_file.read_text().splitlines())} \
