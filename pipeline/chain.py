@@ -235,7 +235,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             if manifest.is_done(index):
                 record = manifest.task(index)
                 if record.mlflow_run_id is None:  # the driver stopped between recording the task and logging it
-                    record.mlflow_run_id = _log_task(tracker, manifest, record, Path(record.state_dir), config)
+                    record.mlflow_run_id = _log_task(tracker, manifest, record, config)
                     manifest.save(run_dir)
                 console.print(f"[dim]task {index + 1}/{len(tasks)} {task.name}: finished earlier, skipped[/]")
                 if on_task_done:
@@ -257,7 +257,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"], losses)
             manifest.record(record)
             manifest.save(run_dir)
-            record.mlflow_run_id = _log_task(tracker, manifest, record, state_dir, config)
+            record.mlflow_run_id = _log_task(tracker, manifest, record, config)
             manifest.save(run_dir)
             console.print(f"  test {_format(scores['test'])}  ({time.monotonic() - started:.0f} s)")
             if on_task_done:
@@ -282,7 +282,8 @@ def _check_writable(run_dir: Path) -> None:
         raise RuntimeError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
 
 
-def _log_task(tracker, manifest: Manifest, record: TaskRecord, state_dir: Path, config: RunConfig) -> str:
+def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: RunConfig) -> str:
+    state_dir = Path(record.state_dir)
     rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
     test_matrix = manifest.matrix("test")[:rows]
     validation_matrix = manifest.matrix("validation")[:rows]

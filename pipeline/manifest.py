@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from procl.atomic import atomic_write_text
 from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 
 MANIFEST = "manifest.json"
@@ -68,12 +67,7 @@ class Manifest:
 
     def save(self, run_dir: Path) -> Path:
         """Atomic rewrite: temp file in the same folder, then rename."""
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=".manifest.", dir=run_dir)
-        with os.fdopen(handle, "w") as out:
-            json.dump(asdict(self), out, indent=1, allow_nan=True)
-        os.replace(temp, run_dir / MANIFEST)
-        return run_dir / MANIFEST
+        return atomic_write_text(run_dir / MANIFEST, json.dumps(asdict(self), indent=1, allow_nan=True))
 
     # -- progress ------------------------------------------------------------------------------
     def is_done(self, index: int) -> bool:

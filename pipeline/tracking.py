@@ -528,9 +528,9 @@ class ChainTracker:
             self._log_batch(parent, metrics=[Metric(k, _metric_value(v), now, 0) for k, v in metrics.items()],
                             tags=_clean_tags(tags or {}))
 
-    def end_running_children(self, status: str, tags: Mapping[str, Any]) -> list[str]:
+    def end_running_children(self, status: str, tags: Mapping[str, Any]) -> None:
         """End the parent's nested runs still RUNNING (their process was stopped from outside, e.g. a Tune
-        trial stopped early) as ``status`` with ``tags``; returns their ids."""
+        trial stopped early) as ``status`` with ``tags``."""
         parent = self._require_parent()
         with self._store_errors("ending stopped nested runs"):
             running = self._client.search_runs(
@@ -540,7 +540,6 @@ class ChainTracker:
             for run in running:
                 self._log_batch(run.info.run_id, tags=_clean_tags(tags))
                 self._client.set_terminated(run.info.run_id, status)
-        return [run.info.run_id for run in running]
 
     def _open_task_run(self, parent: str, task_index: int, task_name: str, existing: Run | None) -> str:
         if existing is None:

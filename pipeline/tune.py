@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from rich.console import Console
 from pipeline.config import ConfigError, RunConfig, set_path, validate_config
 from pipeline.validation import validation_problems, yaml_problem
 from procl import metrics
+from procl.atomic import atomic_write_text
 
 console = Console()
 
@@ -109,11 +109,17 @@ class SearchSpace(_Strict):
     asha: AshaSettings = Field(default_factory=AshaSettings)
 
 
-def trial_data(base: dict[str, Any], space: SearchSpace, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """The base config with the space's fixed settings and one trial's values applied."""
+def with_values(base: dict[str, Any], space: SearchSpace, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A copy of the base config with the space's fixed settings and `values` applied."""
     data = json.loads(json.dumps(base))  # deep copy of plain JSON data
     for path, value in {**space.fixed, **values}.items():
         set_path(data, path, value, where=f"{where}: {path}")
+    return data
+
+
+def trial_data(base: dict[str, Any], space: SearchSpace, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """What one trial runs: `with_values`, on the first `max_tasks` tasks when the space says so."""
+    data = with_values(base, space, values, where)
     if space.max_tasks is not None:
         data["stream"]["max_tasks"] = space.max_tasks
     return data
@@ -251,7 +257,7 @@ def run_sweep(config: RunConfig, config_file: Path | None, space_file: Path, tri
             name, params={"sweep.trials": trials, "sweep.space": space.model_dump(mode="json"), **base},
             tags=provenance_tags() | {"procl.kind": "sweep"}, config_file=config_file, resume_run_id=state.get("mlflow_run_id"),
         )
-        _write_json(sweep_dir / SWEEP_FILE, state)
+        atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps(state, indent=1))
         tracker.log_artifacts({"space": Path(space_file)})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=base, space=space, trials_dir=str(trials_dir), sweep=name,
@@ -305,12 +311,6 @@ def _open_sweep(sweep_dir: Path, fingerprint: str) -> dict[str, Any]:
     return state
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text(json.dumps(data, indent=1))
-    os.replace(temp, path)
-
-
 def _best_result(grid, num_tasks: int):
     """The best trial among those that ran every task (a trial stopped after fewer tasks is not comparable)."""
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get(TIME_AXIS) == num_tasks]
@@ -326,14 +326,9 @@ def _write_best_config(path: Path, config: RunConfig, space: SearchSpace, values
 
     It runs the whole stream (the config's own max_tasks, not the sweep's) under a run name of its own.
     """
-    data = config.model_dump(mode="json")
-    for key, value in {**space.fixed, **values}.items():
-        set_path(data, key, value, where=str(path))
+    data = with_values(config.model_dump(mode="json"), space, values, str(path))
     data["run_name"] = f"{sweep}-best"
     validate_config(data, str(path))
     header = (f"# best trial {best_metrics['trial_id']} of sweep {sweep}: validation objective {best_metrics[OBJECTIVE]:.4f} "
               f"after {best_metrics[TIME_AXIS]} tasks\n")
-    temp = path.with_suffix(".tmp")
-    temp.write_text(header + yaml.safe_dump(data, sort_keys=False))
-    os.replace(temp, path)
-    return path
+    return atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))

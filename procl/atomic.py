@@ -1,4 +1,4 @@
-"""Write a whole folder atomically: into a temporary sibling, then swapped into place.
+"""Write a whole folder or one file atomically: into a temporary sibling, then swapped into place.
 
 A crash or error while writing leaves the previous folder (if any) untouched and no half-written
 folder under the final name.
@@ -31,3 +31,18 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         directory.rename(previous)
     staging.rename(directory)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with open(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        Path(temp).replace(path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return path
