@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/chain_memory.py                 # 12 small tasks, tiny Llama, 2 workers (~6 min)
     .venv/bin/python benchmarks/chain_memory.py --tasks 20 --set model.name=smollm2-135m
+    .venv/bin/python benchmarks/chain_memory.py --trace      # + where the driver's Python allocations grow
 
 Runs one chain through `pipeline.chain.run_chain` (local Ray, Ray Data, Ray Train + DeepSpeed, MLflow)
 on a stream of small tasks from the bundled datasets, sampling the resident memory of the driver
@@ -19,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +89,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=12)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc in the driver: print the call sites whose Python allocations grew most from task 2 to the last")
     args = parser.parse_args()
+    if args.trace:
+        tracemalloc.start(12)
+    snapshots: dict[str, tracemalloc.Snapshot] = {}
 
     with tempfile.TemporaryDirectory(prefix="procl-memory-") as tmp:
         stream = write_stream(Path(tmp), args.tasks)
@@ -104,6 +111,8 @@ def main() -> None:
                              "after_driver_mib": driver / MIB, "after_total_mib": total / MIB})
                 print(f"task {record.index + 1}: peak {rows[-1]['peak_total_mib']:.0f} MiB, after: driver "
                       f"{rows[-1]['after_driver_mib']:.0f} MiB, all {rows[-1]['after_total_mib']:.0f} MiB", flush=True)
+                if args.trace:
+                    snapshots["first" if record.index == 1 else "last"] = tracemalloc.take_snapshot()
 
             run_chain(config, on_task_done=after_task)
 
@@ -113,10 +122,25 @@ def main() -> None:
     print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
     for r in rows:
         print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
+    growth = _traced_growth(snapshots, len(rows)) if args.trace else None
     print(json.dumps({
-        "benchmark": "chain_memory", "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
+        "benchmark": "chain_memory", "traced_python_growth_mib": growth, "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
         "slope_after_total_mib_per_task": round(slope_total, 2), "slope_after_driver_mib_per_task": round(slope_driver, 2),
     }))
+
+
+def _traced_growth(snapshots: dict[str, tracemalloc.Snapshot], tasks: int) -> float:
+    """Print the 20 allocation sites (innermost frames) whose live Python memory grew most from after task
+    2 to after the last task, with their full stacks; returns the total traced growth in MiB."""
+    ignore = [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<frozen importlib._bootstrap*>")]
+    first, last = (snapshots[k].filter_traces(ignore) for k in ("first", "last"))
+    total = sum(s.size_diff for s in last.compare_to(first, "filename")) / MIB
+    print(f"\nPython allocations in the driver, after task 2 -> after task {tasks}: {total:+.1f} MiB traced")
+    for stat in last.compare_to(first, "traceback")[:20]:
+        print(f"{stat.size_diff / MIB:+8.2f} MiB {stat.count_diff:+7d} blocks")
+        for line in stat.traceback.format(limit=8, most_recent_first=True):
+            print(f"      {line}")
+    return round(total, 2)
 
 
 if __name__ == "__main__":

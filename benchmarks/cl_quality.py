@@ -1,6 +1,6 @@
 """Method quality: every strategy on the standard stream, 3 orders x seeds, the same budget for all.
 
-    .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality          # CPU size (~8 min per chain, ~5 h: background it)
+    .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality          # CPU size (~3 min per chain, ~2 h: background it)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-quick --quick   # 1 order, 1 seed, tiny Llama (~5 min)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-big --train 400 --validation 80 --test 160 --seeds 0 1 2
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--orders", nargs="+", default=ORDERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--train", type=int, default=128, help="training examples per task")
+    parser.add_argument("--train", type=int, default=64, help="training examples per task (16 steps of 4)")
     parser.add_argument("--validation", type=int, default=16)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -105,7 +105,9 @@ def main() -> None:
                 zero_shot = result["zero_shot"]
                 record = {"strategy": name, "order": order, "seed": seed, "tasks": [t.name for t in tasks],
                           "matrix": result["matrix"], "validation_matrix": result["validation_matrix"], "zero_shot": zero_shot,
-                          "seconds": round(time.time() - run_started, 1)}
+                          "seconds": round(time.time() - run_started, 1),
+                          "train_s": round(sum(t["train_s"] for t in result["per_task"]), 1),
+                          "eval_s": round(result["zero_shot_s"] + sum(t["eval_s"] for t in result["per_task"]), 1)}
                 with results_file.open("a") as out:
                     out.write(json.dumps(record) + "\n")
                 done[(name, order, seed)] = record

@@ -370,7 +370,9 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                 for w in range(workers):
                     picked = slice(w * shard + k * micro, w * shard + min((k + 1) * micro, shard))
                     batch = trim_padding({name: rows[name][picked] for name in rows})
-                    loss = model(**batch).loss
+                    # deepspeed.bf16 as torch autocast: same loss curve, same speed-up (benchmarks/precision.py)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.deepspeed.bf16):
+                        loss = model(**batch).loss
                     extra = strategy.extra_loss(model)
                     ((loss if extra is None else loss + extra) / (workers * accumulation)).backward()
                     if w == 0:

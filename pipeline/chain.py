@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
@@ -30,6 +29,7 @@ from procl.atomic import atomic_directory
 from procl.checkpoint import META_FILE, TENSORS_FILE, load_strategy_state, sha256_file
 
 console = Console()
+MAX_WORKER_FAILURES = 2  # Ray Train restarts of a task's worker group (from its last in-task checkpoint)
 
 
 @dataclass
@@ -71,15 +71,18 @@ def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], 
 
 def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[str, dict[str, float]]:
     """{split: {task: score}} on the validation and test splits of `tasks`."""
+    import torch
+
     from pipeline.evaluation import score_task
 
     scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
-    for task in tasks:
-        for split in scores:
-            scores[split][task.name] = score_task(
-                model, tokenizer, task.prompts(split), task.targets(split), task.metric,
-                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
-            )
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.scores_in_bf16()):
+        for task in tasks:
+            for split in scores:
+                scores[split][task.name] = score_task(
+                    model, tokenizer, task.prompts(split), task.targets(split), task.metric,
+                    task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
+                )
     return scores
 
 
@@ -126,7 +129,7 @@ def _tokenizer_factory(config: RunConfig):
 
 def _train(config: RunConfig, task_index: int, task: Task, examples: list, previous_state: Path | None):
     """One Ray Train fit() for one task; returns the final checkpoint's folder."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.preprocess import tokenized_dataset
@@ -153,14 +156,25 @@ def _train(config: RunConfig, task_index: int, task: Task, examples: list, previ
         run_config=TrainRunConfig(
             name=f"task_{task_index}",
             storage_path=str(config.run_dir() / "ray"),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:  # one line for the CLI; the workers' tracebacks are in Ray's log
+        raise RuntimeError(f"task {task.name}: training failed (after {MAX_WORKER_FAILURES} restarts): {_root_cause(error)}") from error
     if result.checkpoint is None:
         raise RuntimeError(f"task {task.name}: training ended without a checkpoint ({result.error})")
     return result.checkpoint
+
+
+def _root_cause(error: Exception) -> str:
+    """The last line of the first worker's (or the controller's) error: the exception that started it."""
+    failures = getattr(error, "worker_failures", None)
+    cause = next(iter(failures.values())) if failures else getattr(error, "controller_failure", error)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return lines[-1] if lines else type(cause).__name__
 
 
 def _task_cpus(config: RunConfig) -> float:
@@ -228,7 +242,9 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
         manifest.save(run_dir)
         if manifest.zero_shot is None:
             console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
+            started = time.monotonic()
             manifest.zero_shot = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
+            manifest.zero_shot_seconds = time.monotonic() - started
             manifest.save(run_dir)
         data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
         for index, task in enumerate(tasks):
@@ -253,13 +269,16 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
                 shutil.copytree(Path(folder) / "state", staging, dirs_exist_ok=True)
                 losses = json.loads((Path(folder) / "progress.json").read_text())["losses"]
+            trained = time.monotonic()
             scores = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, str(state_dir), tasks[: index + 1], threads))
-            record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"], losses)
+            seconds = {"train": trained - started, "evaluate": time.monotonic() - trained, "task": time.monotonic() - started}
+            record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"],
+                                losses, seconds=seconds)
             manifest.record(record)
             manifest.save(run_dir)
             record.mlflow_run_id = _log_task(tracker, manifest, record, config)
             manifest.save(run_dir)
-            console.print(f"  test {_format(scores['test'])}  ({time.monotonic() - started:.0f} s)")
+            console.print(f"  test {_format(scores['test'])}  (train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
             if on_task_done:
                 on_task_done(record, manifest)
 
@@ -268,6 +287,10 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             adapter = run_dir / "adapter"
             manifest.adapter_dir = ray.get(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
             tracker.log_artifacts({"adapter": adapter, "manifest": manifest.save(run_dir)})
+        share = manifest.evaluation_share()
+        if not math.isnan(share):
+            tracker.log_summary({"evaluation_share": share})
+            console.print(f"evaluation took {share:.0%} of the chain's task time")
     matrix = manifest.matrix("test")
     return ChainResult(run_dir, matrix, metrics.summary(matrix), Path(manifest.adapter_dir), tracking_uri, manifest.mlflow_run_id)
 
@@ -292,6 +315,7 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: RunConfig
     task_metrics |= {f"validation/{name}": score for name, score in record.validation.items()}
     task_metrics |= {k: v for k, v in summary.items() if not math.isnan(v)}
     task_metrics["validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
+    task_metrics |= {f"seconds/{phase}": value for phase, value in record.seconds.items()}
     meta = json.loads((state_dir / META_FILE).read_text())
     return tracker.log_task(
         record.index,

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.models import ModelSpec
-from pipeline.validation import validation_problems, yaml_problem
+from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import LoraSettings, ProCLConfig
 from procl.strategies import STRATEGIES
 
@@ -100,6 +100,7 @@ class ScalingConfig(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(16, gt=0, description="generation tasks")
+    bf16: bool | None = Field(None, description="score under bf16 autocast (benchmarks/eval_precision.py); None: as deepspeed.bf16")
 
 
 class TrackingConfig(_Strict):
@@ -138,6 +139,10 @@ class RunConfig(_Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.run_name
 
+    def scores_in_bf16(self) -> bool:
+        """Evaluation under bf16 autocast: `evaluation.bf16`, or as training does (`deepspeed.bf16`)."""
+        return self.deepspeed.bf16 if self.evaluation.bf16 is None else self.evaluation.bf16
+
     def fingerprint(self) -> str:
         """What must not change when a chain is resumed: everything but where and how it runs."""
         frozen = self.model_dump(exclude={"scaling", "ray", "tracking", "evaluation"})
@@ -168,16 +173,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     data: dict[str, Any] = {}
     where = "defaults"
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: not a valid YAML file ({yaml_problem(error) if isinstance(error, yaml.YAMLError) else 'not UTF-8 text'})") from error
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (model, stream, strategy, ...)")
+        data = read_yaml_mapping(Path(path), "config file", "a mapping of sections (model, stream, strategy, ...)", ConfigError, empty_ok=True)
     for assignment in overrides:
         apply_override(data, assignment)
     return validate_config(data, where)

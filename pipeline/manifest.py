@@ -33,6 +33,8 @@ class TaskRecord:
     validation: dict[str, float]
     losses: list[float]
     mlflow_run_id: str | None = None
+    # wall seconds of the task's phases: "train" (Ray Data + fit), "evaluate" (scoring seen tasks), "task" (all)
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class Manifest:
     task_names: list[str]
     mlflow_run_id: str | None = None
     zero_shot: dict[str, dict[str, float]] | None = None
+    zero_shot_seconds: float | None = None
     tasks: list[TaskRecord] = field(default_factory=list)
     adapter_dir: str | None = None
 
@@ -94,6 +97,15 @@ class Manifest:
                 f"checkpoint of task {record.index} ({record.name}) at {folder} does not match its recorded sha256: "
                 "truncated or altered; it will not be loaded"
             )
+
+    def evaluation_share(self) -> float:
+        """Evaluation's share of the chain's wall time: zero-shot + per-task scoring over zero-shot + whole
+        tasks (Ray start-up and the export, once per chain, are left out); NaN before timings exist."""
+        timed = [record.seconds for record in self.tasks if "task" in record.seconds]
+        if self.zero_shot_seconds is None or not timed:
+            return math.nan
+        evaluation = self.zero_shot_seconds + sum(seconds["evaluate"] for seconds in timed)
+        return evaluation / (self.zero_shot_seconds + sum(seconds["task"] for seconds in timed))
 
     # -- the accuracy matrix -------------------------------------------------------------------
     def matrix(self, split: str = "test") -> list[list[float]]:

@@ -58,6 +58,15 @@ from pipeline import plots
 
 log = logging.getLogger(__name__)
 
+
+def _drop_sqlalchemy_tracebacks(record: logging.LogRecord) -> bool:
+    """MLflow's sqlite store logs a full traceback for every database error before raising it; the
+    tracker reports each one in a line of its own (TrackingError, or a warning while a run fails)."""
+    return not record.getMessage().startswith("SQLAlchemy database error")
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_drop_sqlalchemy_tracebacks)
+
 TASK_INDEX_TAG = "task_index"
 TASK_NAME_TAG = "task_name"
 LAST_TASK_TAG = "last_task_index"  # highest task index logged on the parent: a resumed chain can read it

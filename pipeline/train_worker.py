@@ -5,8 +5,10 @@ machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` di
 
 Checkpoints (`ray.train.report`) hold `state/` (procl.checkpoint: adapter + strategy state,
 safetensors + JSON) and `progress.json` (optimizer steps done, training losses, and the steps at
-which the task resumed after failures). A worker failure
-restarts the group from the last one (`FailureConfig`); the task's end is always one.
+which the task resumed after failures); in-task ones also hold `optimizer/`, each rank's AdamW
+moments of its ZeRO partition (Ray merges the ranks' files into one checkpoint folder). A worker
+failure restarts the group from the last one (`FailureConfig`) with weights, strategy state and
+optimizer moments as they were; the task's end is always one.
 """
 
 from __future__ import annotations
@@ -19,15 +21,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig
 from pipeline.models import load_model_and_tokenizer
 from pipeline.preprocess import trim_padding
 from procl import make_strategy
-from procl.checkpoint import load_strategy_state, write_state
+from procl.checkpoint import load_strategy_state, sha256_file, write_state
 
 STATE = "state"
 PROGRESS = "progress.json"
+OPTIMIZER = "optimizer"
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
@@ -62,17 +66,77 @@ def _init_deepspeed(use_gpu: bool):
     return deepspeed
 
 
-def _report(strategy, model, progress: dict[str, Any], metrics: dict[str, float]) -> None:
-    """Every rank reports (Ray needs the same number of calls); rank 0 writes the checkpoint files."""
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW that DeepSpeed steps: inside its ZeRO / bf16 optimizer, or itself (ZeRO-0 fp32)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _stepped_tensors(engine) -> list[torch.Tensor]:
+    """The tensors AdamW keeps state for, in a fixed order: this rank's ZeRO-3 flat fp32 partitions (which
+    DeepSpeed puts into the optimizer's param_groups only while it steps them), else its param_groups."""
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flat) if flat is not None else [p for group in base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def save_optimizer_state(engine, folder: Path, rank: int) -> None:
+    """This rank's AdamW state (moments and step of its ZeRO partition) as safetensors + a sha256 file."""
+    state = base_optimizer(engine).state
+    tensors = {f"{index}.{name}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
+               for index, tensor in enumerate(_stepped_tensors(engine)) for name, value in state.get(tensor, {}).items()}
+    path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    path.with_suffix(".sha256").write_text(sha256_file(path))
+
+
+def read_optimizer_state(folder: Path, rank: int) -> dict[int, dict[str, torch.Tensor]] | None:
+    """A rank's saved AdamW state (None if the checkpoint has none for it); refuses an altered file."""
+    path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
+    if not path.is_file():
+        return None
+    digest = path.with_suffix(".sha256")
+    if not digest.is_file() or sha256_file(path) != digest.read_text().strip():
+        raise ValueError(f"{path} does not match its recorded sha256: truncated or altered; it will not be loaded")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return state
+
+
+def load_optimizer_state(engine, state: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Put saved AdamW state into a fresh engine of the same layout (world size, ZeRO stage, parameters)."""
+    tensors = _stepped_tensors(engine)
+    for index, entry in state.items():
+        expected = tensors[index].shape if index < len(tensors) else None
+        if expected is None or entry["exp_avg"].shape != expected:
+            raise ValueError(f"saved optimizer state does not fit this worker's partition (tensor {index}: saved "
+                             f"{tuple(entry['exp_avg'].shape)}, here {None if expected is None else tuple(expected)}); "
+                             "was the checkpoint written with another num_workers or ZeRO stage?")
+    optimizer = base_optimizer(engine)
+    for index, entry in state.items():
+        target = tensors[index]
+        # moments on the partition's device and dtype; AdamW keeps its step counter as a CPU float32 scalar
+        optimizer.state[target] = {name: value if name == "step" else value.to(target.device, target.dtype)
+                                   for name, value in entry.items()}
+
+
+def _report(strategy, model, progress: dict[str, Any], metrics: dict[str, float], engine=None) -> None:
+    """Every rank reports (Ray needs the same number of calls); rank 0 writes the state and progress, and
+    with `engine` (in-task checkpoints) every rank adds its optimizer partition."""
     import ray.train
 
     tensors, meta = strategy.state(model)  # collective under ZeRO-3: all ranks
-    if ray.train.get_context().get_world_rank() != 0:
+    rank = ray.train.get_context().get_world_rank()
+    if rank != 0 and engine is None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as folder:
-        write_state(Path(folder) / STATE, tensors, meta)
-        Path(folder, PROGRESS).write_text(json.dumps(progress))
+        if rank == 0:
+            write_state(Path(folder) / STATE, tensors, meta)
+            Path(folder, PROGRESS).write_text(json.dumps(progress))
+        if engine is not None:
+            save_optimizer_state(engine, Path(folder), rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -106,14 +170,19 @@ def train_task(loop_config: dict[str, Any]) -> None:
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
     model = strategy.build(model)
     progress: dict[str, Any] = {"steps": 0, "losses": []}
+    optimizer_state = None
+    rank = ray.train.get_context().get_world_rank()
     resume = ray.train.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as folder:
             load_strategy_state(strategy, model, Path(folder) / STATE)
             progress = json.loads(Path(folder, PROGRESS).read_text())
+            optimizer_state = read_optimizer_state(Path(folder), rank)
         progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
-        if ray.train.get_context().get_world_rank() == 0:
-            print(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']}", flush=True)
+        if rank == 0:
+            moments = "with" if optimizer_state is not None else "without (none in the checkpoint)"
+            print(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']} "
+                  f"{moments} the optimizer's moments", flush=True)
     else:
         if loop_config["previous_state"] is not None:
             load_strategy_state(strategy, model, loop_config["previous_state"])
@@ -124,11 +193,13 @@ def train_task(loop_config: dict[str, Any]) -> None:
         strategy.param_groups(model, config.training.lr), lr=config.training.lr, weight_decay=config.training.weight_decay
     )
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+    if optimizer_state is not None:
+        load_optimizer_state(engine, optimizer_state)
     engine.train()
 
     # Training: micro-batches from this worker's shard; hooks after each optimizer step.
     shard = ray.train.get_dataset_shard("train")
-    progress_line = _ProgressLine(loop_config["task_label"], loop_config["total_steps"], ray.train.get_context().get_world_rank() == 0)
+    progress_line = _ProgressLine(loop_config["task_label"], loop_config["total_steps"], rank == 0)
     accumulation = config.training.gradient_accumulation
     micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
     micro_step = 0
@@ -150,7 +221,7 @@ def train_task(loop_config: dict[str, Any]) -> None:
             progress_line.update(progress["steps"], loss.item())
             every = config.training.checkpoint_every
             if every and progress["steps"] % every == 0:
-                _report(strategy, model, progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()})
+                _report(strategy, model, progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()}, engine)
 
     # Task end: fold/consolidate, then the checkpoint the next task starts from.
     strategy.after_task(model, task_index, loop_config["examples"], engine)

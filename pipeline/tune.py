@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 
 from pipeline.config import ConfigError, RunConfig, set_path, validate_config
-from pipeline.validation import validation_problems, yaml_problem
+from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import metrics
 from procl.atomic import atomic_write_text
 
@@ -133,14 +133,7 @@ def load_space(path: Path, base: dict[str, Any]) -> SearchSpace:
     reject the space here rather than failing trials one by one.
     """
     where = str(path)
-    if not path.is_file():
-        raise ConfigError(f"{where}: search space file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{where}: not a valid YAML file ({yaml_problem(error) if isinstance(error, yaml.YAMLError) else 'not UTF-8 text'})") from error
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping with params (and optionally fixed, max_tasks, objective, asha)")
+    raw = read_yaml_mapping(path, "search space file", "a mapping with params (and optionally fixed, max_tasks, objective, asha)", ConfigError)
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as error:

@@ -85,6 +85,9 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
         assert list(record["test"]) == ["amazon", "bbc", "yahoo"][: index + 1]
         assert all(0.0 <= score <= 1.0 for score in record["test"].values())
         assert record["losses"] and all(math.isfinite(x) for x in record["losses"])
+        assert 0 < record["seconds"]["train"] and 0 < record["seconds"]["evaluate"]
+        assert record["seconds"]["train"] + record["seconds"]["evaluate"] <= record["seconds"]["task"]
+    assert manifest["zero_shot_seconds"] > 0
 
     client, runs = mlflow_runs(run_dir)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -93,6 +96,8 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     parent = parents[0]
     assert parent.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "average_accuracy")] == [0, 1, 2]
+    assert 0 < parent.data.metrics["evaluation_share"] < 1
+    assert all(child.data.metrics["seconds/evaluate"] > 0 for child in children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_matrix.json", "checkpoints", "adapter"} <= artifacts | {p.split("/")[0] for p in artifacts}
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import batch, tiny_llama
+from conftest import batch, free_port, rank_env, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -18,11 +17,6 @@ from procl import model as memory
 
 STEPS = 12
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train_task(model, strategy, task_index: int, rank: int, local_stats: list) -> None:
@@ -44,8 +38,8 @@ def _train_task(model, strategy, task_index: int, rank: int, local_stats: list) 
 
 
 def _worker(rank: int, port: int, out_dir: str, formulation: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(rank_env(rank, 2, port))
+    dist.init_process_group("gloo")
     torch.manual_seed(0)
     strategy = make_strategy("procl", lora=LoraSettings(r=8), seed=0, procl=ProCLConfig(formulation=formulation))
     model = strategy.build(tiny_llama())
@@ -60,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str, formulation: str) -> None:
 
 @pytest.mark.parametrize("formulation", ["residual", "reference"])
 def test_two_ranks_stay_identical_after_many_consolidations(formulation, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), formulation), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), formulation), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     weights = [k for k in rank0 if not k.startswith("local_stat_")]
     assert weights

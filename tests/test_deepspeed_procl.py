@@ -8,14 +8,12 @@ export to a plain peft adapter that reproduces the model.
 
 from __future__ import annotations
 
-import gc
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import batch, tiny_llama
+from conftest import batch, free_port, init_deepspeed_gloo, rank_env, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -26,26 +24,14 @@ from procl.checkpoint import TENSORS_FILE, load_strategy_state, save_strategy_st
 TASKS, STEPS = 3, 5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _new_strategy(formulation: str):
     return make_strategy("procl", lora=LoraSettings(r=8), seed=0, procl=ProCLConfig(formulation=formulation))
 
 
 def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, formulation: str) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-        DS_ACCELERATOR="cpu",
-    )
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~64 s JIT build
-    deepspeed.init_distributed(dist_backend="gloo")
-    gc.freeze()  # DeepSpeed's many gc.collect() calls are slow with torch's objects in view
+    os.environ.update(rank_env(rank, 2, port))
+    deepspeed = init_deepspeed_gloo()
     state_dir = os.path.join(out_dir, f"rank{rank}")
     config = {
         "train_micro_batch_size_per_gpu": 4,
@@ -80,7 +66,7 @@ def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, formulat
     [(2, False, "residual"), (3, True, "residual"), (3, False, "reference")],
 )
 def test_procl_chain_under_deepspeed_zero_keeps_ranks_identical_and_exports(stage, bf16, formulation, tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), stage, bf16, formulation), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), stage, bf16, formulation), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}" / TENSORS_FILE)) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     for key in rank0:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port, init_deepspeed_gloo, rank_env
 from torch import nn
 
 from procl.distributed import all_reduce_mean, is_distributed, read_full, write_full
@@ -27,21 +27,6 @@ from procl.distributed import all_reduce_mean, is_distributed, read_full, write_
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
-    """What a launcher would set; deepspeed.init_distributed builds the gloo group from it."""
-    return {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(world_size),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +57,7 @@ def _all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_reduce_mean_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_all_reduce_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_all_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in ("mean", "mean_bf16"):
         assert torch.equal(results[0][key], results[1][key]), key
@@ -92,17 +77,11 @@ def test_not_distributed_in_this_process() -> None:
 
 @pytest.fixture(scope="module")
 def single_rank_world():
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~64 s JIT build
     assert not dist.is_initialized(), "another test left a process group behind"
     with pytest.MonkeyPatch.context() as patch:  # deepspeed.initialize insists on LOCAL_RANK
-        for key, value in _rank_env(0, 1, _free_port()).items():
+        for key, value in rank_env(0, 1, free_port()).items():
             patch.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        # DeepSpeed calls gc.collect() several times per engine; with pytest's and torch's objects
-        # moved out of the collector's view those calls take milliseconds instead of ~0.3 s.
-        gc.freeze()
+        deepspeed = init_deepspeed_gloo()
         try:
             yield deepspeed
         finally:
@@ -237,12 +216,8 @@ def test_write_full_survives_forward_and_step(single_rank_world, case: tuple, fr
 
 
 def _two_rank_deepspeed_worker(rank: int, port: int) -> None:
-    os.environ.update(_rank_env(rank, 2, port))
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
-    gc.freeze()  # see single_rank_world
+    os.environ.update(rank_env(rank, 2, port))
+    deepspeed = init_deepspeed_gloo()
     try:
         assert is_distributed()
         # ZeRO-1/2 split fc2.weight's master between the ranks; ZeRO-3 pads its last shard.
@@ -256,7 +231,7 @@ def _two_rank_deepspeed_worker(rank: int, port: int) -> None:
 
 def test_write_full_two_ranks() -> None:
     """The same checks with 2 DeepSpeed ranks, where masters and ZeRO-3 shards are really split."""
-    mp.spawn(_two_rank_deepspeed_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(_two_rank_deepspeed_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 def test_plain_parameter_round_trip() -> None:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from test_chain import write_config
 
 from pipeline.config import ConfigError, load_config
@@ -29,11 +29,6 @@ pytestmark = pytest.mark.integration
 
 OBJECT_STORE = 100 * 1024 * 1024  # per node; the object store lives in /dev/shm
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -65,7 +60,7 @@ def cluster(request, monkeypatch):
         initialize_head=True,
         head_node_args={
             "num_cpus": 0, "object_store_memory": OBJECT_STORE, "temp_dir": temp_dir,
-            "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": _free_port(),  # the state API
+            "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),  # the state API
         },
     )
     started.append(head)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from test_chain import write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,19 +17,14 @@ RAY = str(Path(sys.executable).parent / "ray")
 pytestmark = pytest.mark.integration
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture
 def ray_head(tmp_path):
     """A local head bound to 127.0.0.1 with token auth explicitly off (the same setting for clients)."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
-    dashboard = _free_port()
+    dashboard = free_port()
     start = subprocess.run(
-        [RAY, "start", "--head", f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        [RAY, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"],
         env=env, capture_output=True, text=True, timeout=180,
     )

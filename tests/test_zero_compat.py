@@ -1,26 +1,25 @@
 """Every strategy x DeepSpeed ZeRO stage 0-3 (x optimizer offload) on 2 gloo ranks, with the pipeline's
 own DeepSpeed config (`pipeline.train_worker.deepspeed_config`): two tasks trained through the strategy
-hooks (consolidation included), the state saved, and the export reloaded in vanilla peft reproducing the
+hooks (consolidation included), the optimizer's partition saved and loaded back as an in-task checkpoint
+does, the state saved, and the export reloaded in vanilla peft reproducing the
 model. The outcome of each cell is the table in docs/ZERO_COMPAT.md; the test fails if the docs disagree
 with what it measured. Regenerate it with `PROCL_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_zero_compat.py`.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import batch, tiny_llama
+from conftest import batch, free_port, init_deepspeed_gloo, rank_env, tiny_llama
 from peft import PeftModel
 
 from pipeline.config import ConfigError, load_config
-from pipeline.train_worker import deepspeed_config
+from pipeline.train_worker import base_optimizer, deepspeed_config, load_optimizer_state, read_optimizer_state, save_optimizer_state
 from procl import make_strategy
 from procl.checkpoint import load_strategy_state, save_strategy_state
 from procl.strategies import STRATEGIES
@@ -56,9 +55,26 @@ def _train_cell(rank: int, name: str, stage: int, offload: bool, state_dir: Path
             engine.backward(loss if extra is None else loss + extra)
             engine.step()
             strategy.after_optimizer_step(model, engine)
+        _check_optimizer_roundtrip(engine, state_dir.parent / f"optimizer-task{task}", rank)
         strategy.after_task(model, task, [f"example-{task}-{i}" for i in range(8)], engine)
         save_strategy_state(strategy, model, state_dir)
         engine.destroy()
+
+
+def _check_optimizer_roundtrip(engine, folder: Path, rank: int) -> None:
+    """An in-task checkpoint's optimizer partition: saved, the live moments wiped, loaded back exactly."""
+    save_optimizer_state(engine, folder, rank)
+    state = base_optimizer(engine).state
+    expected = {id(tensor): {k: v.clone() for k, v in entry.items()} for tensor, entry in state.items()}
+    assert any(entry["exp_avg"].abs().sum() > 0 for entry in expected.values()), "no moments to save: nothing was trained"
+    for entry in state.values():
+        entry["exp_avg"].zero_()
+        entry["exp_avg_sq"].zero_()
+    load_optimizer_state(engine, read_optimizer_state(folder, rank))
+    assert {id(tensor) for tensor in state} == set(expected)
+    for tensor, entry in state.items():
+        for name, value in expected[id(tensor)].items():
+            torch.testing.assert_close(entry[name], value, rtol=0, atol=0)
 
 
 def _check_export(name: str, state_dir: Path, out: Path) -> None:
@@ -74,13 +90,8 @@ def _check_export(name: str, state_dir: Path, out: Path) -> None:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    import deepspeed
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~64 s JIT build
-    deepspeed.init_distributed(dist_backend="gloo")
-    gc.freeze()  # DeepSpeed's many gc.collect() calls are slow with torch's objects in view
+    os.environ.update(rank_env(rank, 2, port))
+    init_deepspeed_gloo()
     outcomes = {}
     for name in sorted(STRATEGIES):
         for stage, offload in CELLS:
@@ -93,16 +104,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             except ConfigError as error:  # refused by the run config before anything starts
                 outcome = f"refused: {str(error).split(': ', 1)[1]}"
             except Exception as error:  # a cell's failure is its outcome; both ranks fail alike at initialize
-                outcome = f"fails: {type(error).__name__}: {str(error).splitlines()[0][:160]}"
+                outcome = f"fails: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:160]}"
             outcomes[f"{name} z{stage}{' offload' if offload else ''}"] = outcome
     if rank == 0:
         Path(out_dir, "outcomes.json").write_text(json.dumps(outcomes, indent=1))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def render_table(outcomes: dict[str, str]) -> str:
@@ -123,7 +129,7 @@ def render_table(outcomes: dict[str, str]) -> str:
 
 
 def test_every_strategy_under_every_zero_stage(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     table = render_table(outcomes)
     if os.environ.get("PROCL_WRITE_DOCS") == "1":
