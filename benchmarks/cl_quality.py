@@ -78,7 +78,8 @@ def main() -> None:
         args.overrides = ["model.name=tiny-llama", *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
     # results of one folder must come from one setting: a resumed table refuses other sizes or overrides
-    settings = {"config": str(args.config), "sizes": [args.train, args.validation, args.test], "overrides": args.overrides}
+    settings = {"config": str(args.config), "sizes": [args.train, args.validation, args.test], "overrides": args.overrides,
+                "scores_in_bf16": load_config(args.config, args.overrides).scores_in_bf16()}
     settings_file = args.out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise SystemExit(f"error: {args.out} holds results of other settings ({settings_file.read_text().strip()}); use another --out")

@@ -22,9 +22,10 @@ from pipeline.config import ConfigError, RunConfig, load_config
 console = Console()
 
 # Rough CPU seconds per training token (SmolLM2-135M, LoRA, measured on this project's 2-core
-# machine: ~4.4 s per 8 x 128-token step fp32, ~3.4 s bf16) and per scored token (forward only).
+# machine: ~4.4 s per 8 x 128-token step fp32, ~3.4 s bf16) and per scored token (forward only;
+# bf16 autocast 1.6x faster, benchmarks/eval_precision.py).
 SECONDS_PER_TRAIN_TOKEN = {"float32": 4.4 / 1024, "bfloat16": 3.4 / 1024}
-SECONDS_PER_EVAL_TOKEN = 1.8 / 1024
+SECONDS_PER_EVAL_TOKEN = {"float32": 1.8 / 1024, "bfloat16": 1.8 / 1024 / 1.6}
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,6 +66,7 @@ def plan(config: RunConfig) -> dict:
     check_answers_tokenize(tasks, load_tokenizer(config.model))  # the model spec and answer words, as `run` checks them
     tokens_per_step = config.training.batch_size * config.training.gradient_accumulation * config.training.max_length / 2
     train_rate = SECONDS_PER_TRAIN_TOKEN["bfloat16" if config.deepspeed.bf16 else "float32"]
+    eval_rate = SECONDS_PER_EVAL_TOKEN["bfloat16" if config.scores_in_bf16() else "float32"]
     rows = []
     for index, task in enumerate(tasks):
         sizes = {split: len(records) for split, records in task.splits.items()}
@@ -73,8 +75,8 @@ def plan(config: RunConfig) -> dict:
         eval_examples = sum(len(t.splits["validation"]) + len(t.splits["test"]) for t in tasks[: index + 1])
         rows.append({"task": task.name, "sizes": sizes, "answers": len(task.answers), "steps": steps,
                      "train_s": steps * tokens_per_step * train_rate,
-                     "eval_s": eval_examples * config.training.max_length / 2 * SECONDS_PER_EVAL_TOKEN})
-    zero_shot = sum(len(t.splits["validation"]) + len(t.splits["test"]) for t in tasks) * config.training.max_length / 2 * SECONDS_PER_EVAL_TOKEN
+                     "eval_s": eval_examples * config.training.max_length / 2 * eval_rate})
+    zero_shot = sum(len(t.splits["validation"]) + len(t.splits["test"]) for t in tasks) * config.training.max_length / 2 * eval_rate
     return {
         "run_dir": str(config.run_dir()),
         "strategy": config.strategy.name,

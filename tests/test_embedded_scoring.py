@@ -21,3 +21,25 @@ def test_embedded_model_scores_yahoo_topics_above_chance_zero_shot(monkeypatch):
     with torch.inference_mode():
         accuracy = score_task(model, tokenizer, yahoo.prompts("test"), yahoo.targets("test"), "accuracy", yahoo.answers, 16)
     assert accuracy >= 0.25, accuracy  # measured 0.41 on the 32 demo test questions
+
+
+def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkeypatch):
+    """evaluation.bf16 defaults to deepspeed.bf16; bf16 scoring really runs in bf16 and scores like fp32."""
+    from pipeline.chain import score_tasks
+    from pipeline.config import load_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(name="smollm2-135m"))
+    yahoo = [t for t in load_stream(ROOT / "configs" / "streams" / "demo.yaml", "order1") if t.name == "yahoo"]
+    seen_dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen_dtypes.append(output.dtype))
+    scores = {}
+    for bf16, overrides in ((True, ["deepspeed.bf16=true"]), (False, ["deepspeed.bf16=true", "evaluation.bf16=false"])):
+        config = load_config(None, overrides)
+        assert config.scores_in_bf16() is bf16
+        seen_dtypes.clear()
+        scores[bf16] = score_tasks(model, tokenizer, yahoo, config)
+        assert set(seen_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
+    assert load_config(None, []).scores_in_bf16() is False  # fp32 training scores in fp32
+    for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of these 48 answers equal (demo adapter)
+        assert abs(scores[True][split]["yahoo"] - scores[False][split]["yahoo"]) <= 2 / 16 + 1e-9
