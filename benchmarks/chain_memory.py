@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/chain_memory.py                 # 12 small tasks, tiny Llama, 2 workers (~6 min)
     .venv/bin/python benchmarks/chain_memory.py --tasks 20 --set model.name=smollm2-135m
     .venv/bin/python benchmarks/chain_memory.py --trace      # + where the driver's Python allocations grow
+    .venv/bin/python benchmarks/chain_memory.py --malloc-trim   # + the driver's RSS after glibc malloc_trim(0), per task
 
 Runs one chain through `pipeline.chain.run_chain` (local Ray, Ray Data, Ray Train + DeepSpeed, MLflow)
 on a stream of small tasks from the bundled datasets, sampling the resident memory of the driver
@@ -15,6 +16,7 @@ the checkpoint files, which are on disk, not in memory). One JSON line last.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import tempfile
@@ -91,6 +93,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--trace", action="store_true",
                         help="tracemalloc in the driver: print the call sites whose Python allocations grew most from task 2 to the last")
+    parser.add_argument("--malloc-trim", action="store_true",
+                        help="after each task also call glibc malloc_trim(0) in the driver and record its RSS after it")
     args = parser.parse_args()
     if args.trace:
         tracemalloc.start(12)
@@ -109,6 +113,9 @@ def main() -> None:
                 driver, total = _tree_rss()
                 rows.append({"task": record.index + 1, "peak_total_mib": max(sampler.take_peak(), total) / MIB,
                              "after_driver_mib": driver / MIB, "after_total_mib": total / MIB})
+                if args.malloc_trim:  # freed heap that glibc keeps in its arenas is handed back to the OS
+                    ctypes.CDLL("libc.so.6").malloc_trim(0)
+                    rows[-1]["after_trim_driver_mib"] = _tree_rss()[0] / MIB
                 print(f"task {record.index + 1}: peak {rows[-1]['peak_total_mib']:.0f} MiB, after: driver "
                       f"{rows[-1]['after_driver_mib']:.0f} MiB, all {rows[-1]['after_total_mib']:.0f} MiB", flush=True)
                 if args.trace:
@@ -119,6 +126,7 @@ def main() -> None:
     tasks = np.array([r["task"] for r in rows[1:]])
     slope_total = float(np.polyfit(tasks, [r["after_total_mib"] for r in rows[1:]], 1)[0])
     slope_driver = float(np.polyfit(tasks, [r["after_driver_mib"] for r in rows[1:]], 1)[0])
+    slope_trimmed = float(np.polyfit(tasks, [r["after_trim_driver_mib"] for r in rows[1:]], 1)[0]) if args.malloc_trim else None
     print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
     for r in rows:
         print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
@@ -126,6 +134,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "chain_memory", "traced_python_growth_mib": growth, "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
         "slope_after_total_mib_per_task": round(slope_total, 2), "slope_after_driver_mib_per_task": round(slope_driver, 2),
+        "slope_after_trim_driver_mib_per_task": None if slope_trimmed is None else round(slope_trimmed, 2),
     }))
 
 
