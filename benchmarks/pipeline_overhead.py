@@ -342,7 +342,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     model = strategy.build(model)
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
-    merge = not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp)
+    plain_lora = config.exports_plain_lora()
     rows_matrix, validation_rows = [], []
     per_task = []
     for index, task in enumerate(tasks):
@@ -388,7 +388,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         train_s = time.time() - t
 
         t = time.time()
-        scored = copy.deepcopy(model).merge_and_unload() if merge else model
+        scored = copy.deepcopy(model).merge_and_unload() if plain_lora else model
         scores = evaluate(scored, tasks[: index + 1])
         del scored
         eval_s = time.time() - t
@@ -398,7 +398,8 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                          "micro_batches": len(losses), "task_s": time.time() - task_start, "test": scores["test"]})
 
     t = time.time()
-    strategy.export(model, out_dir / "bare-adapter")
+    if plain_lora:  # the reference MLP variant has no plain-LoRA export
+        strategy.export(model, out_dir / "bare-adapter")
     export_s = time.time() - t
     total = time.time() - start
     matrix = [[zero_shot["test"][task.name] for task in tasks]] + rows_matrix

@@ -64,7 +64,7 @@ def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], 
     torch.set_num_threads(threads)
     config = RunConfig.model_validate(config_data)
     model, tokenizer, strategy = _load_trained(config, state_dir)
-    if state_dir is not None and not (config.strategy.name == "procl" and config.strategy.procl.reference_mlp):
+    if state_dir is not None and config.exports_plain_lora():
         model = model.merge_and_unload()  # a plain LoRA: evaluate exactly what inference will run
     return score_tasks(model, tokenizer, tasks, config)
 
@@ -282,7 +282,11 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             if on_task_done:
                 on_task_done(record, manifest)
 
-        if manifest.adapter_dir is None:
+        if manifest.adapter_dir is None and not config.exports_plain_lora():
+            console.print("no adapter export: procl.reference_mlp keeps an MLP in the model at inference; "
+                          f"the model is the last checkpoint, {manifest.last_state()}")
+            tracker.log_artifacts({"manifest": manifest.save(run_dir)})
+        elif manifest.adapter_dir is None:
             # the consolidated adapter as a plain peft LoRA, and the finished manifest, on the chain's run
             adapter = run_dir / "adapter"
             manifest.adapter_dir = ray.get(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
@@ -292,7 +296,8 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             tracker.log_summary({"evaluation_share": share})
             console.print(f"evaluation took {share:.0%} of the chain's task time")
     matrix = manifest.matrix("test")
-    return ChainResult(run_dir, matrix, metrics.summary(matrix), Path(manifest.adapter_dir), tracking_uri, manifest.mlflow_run_id)
+    adapter_dir = Path(manifest.adapter_dir) if manifest.adapter_dir else None
+    return ChainResult(run_dir, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
 
 
 def _check_writable(run_dir: Path) -> None:

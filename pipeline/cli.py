@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[bold green]chain finished[/]: final average accuracy {result.summary['average_accuracy']:.3f}, "
                           f"BWT {result.summary['backward_transfer']:+.3f}, forgetting {result.summary['forgetting']:.3f}")
             # plain prints: paths and commands must not be wrapped by the console width
-            print(f"adapter (plain peft LoRA): {result.adapter_dir}")
+            if result.adapter_dir is not None:
+                print(f"adapter (plain peft LoRA): {result.adapter_dir}")
             print(f"MLflow store: {result.tracking_uri}")
             print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
         elif args.command == "tune":

@@ -139,6 +139,11 @@ class RunConfig(_Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.run_name
 
+    def exports_plain_lora(self) -> bool:
+        """False only for ProCL's reference-fidelity variant, whose MLP stays in the model at inference:
+        it is scored unmerged and its chain ends without a peft adapter export."""
+        return not (self.strategy.name == "procl" and self.strategy.procl.reference_mlp)
+
     def scores_in_bf16(self) -> bool:
         """Evaluation under bf16 autocast: `evaluation.bf16`, or as training does (`deepspeed.bf16`)."""
         return self.deepspeed.bf16 if self.evaluation.bf16 is None else self.evaluation.bf16

@@ -35,8 +35,11 @@ def slot_weights(attention: torch.Tensor, gate_logits: torch.Tensor) -> torch.Te
 
 
 def gamma_logit_init(w0: torch.Tensor) -> float:
-    """g such that gamma = sigmoid(g) = 1 / (1 + rms(W0))."""
-    gamma = 1.0 / (1.0 + w0.float().pow(2).mean().sqrt().item())
+    """g such that gamma = sigmoid(g) = 1 / (1 + rms(W0)).
+
+    W0 = 0 (a zero-initialised LoRA B, e.g. a model rebuilt before its checkpoint is loaded) gives
+    gamma = 1, an infinite logit: gamma is capped just below 1."""
+    gamma = min(1.0 / (1.0 + w0.float().pow(2).mean().sqrt().item()), 1.0 - 1e-6)
     return math.log(gamma / (1.0 - gamma))
 
 

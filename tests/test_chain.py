@@ -97,7 +97,8 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     assert parent.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "average_accuracy")] == [0, 1, 2]
     assert 0 < parent.data.metrics["evaluation_share"] < 1
-    assert all(child.data.metrics["seconds/evaluate"] > 0 for child in children)
+    evaluate_seconds = client.get_metric_history(parent.info.run_id, "seconds/evaluate")
+    assert [m.step for m in evaluate_seconds] == [0, 1, 2] and all(m.value > 0 for m in evaluate_seconds)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_matrix.json", "checkpoints", "adapter"} <= artifacts | {p.split("/")[0] for p in artifacts}
 
@@ -163,3 +164,15 @@ def test_a_run_folder_of_another_chain_is_refused(tmp_path):
     result = run_cli("run", str(config), timeout=300)
     assert result.returncode == 2
     assert "holds a chain with different settings" in result.stderr
+
+
+def test_the_reference_mlp_variant_runs_unmerged_and_ends_without_an_adapter_export(tmp_path):
+    """ProCL's reference-fidelity variant keeps an MLP at inference: scored unmerged, not exported as LoRA."""
+    config = write_config(tmp_path, "reference-mlp")
+    result = run_cli("run", str(config), "--set", "stream.max_tasks=2", "--set", "strategy.procl.formulation=reference",
+                     "--set", "strategy.procl.reference_mlp=true")
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    assert "no adapter export: procl.reference_mlp" in result.stdout and "adapter (plain peft LoRA)" not in result.stdout
+    manifest = json.loads((tmp_path / "runs" / "reference-mlp" / "manifest.json").read_text())
+    assert len(manifest["tasks"]) == 2 and manifest["adapter_dir"] is None
+    assert all(0.0 <= s <= 1.0 for s in manifest["tasks"][-1]["test"].values())

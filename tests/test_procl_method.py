@@ -57,6 +57,8 @@ def test_reference_executing_factor_matches_block_formula():
 def test_gamma_init_is_one_over_one_plus_rms():
     w0 = torch.full((4, 4), 0.5)
     assert torch.sigmoid(torch.tensor(eq.gamma_logit_init(w0))).item() == pytest.approx(1 / 1.5)
+    # a zero factor (a model rebuilt before its checkpoint is loaded) gives gamma ~ 1, not a division by zero
+    assert torch.sigmoid(torch.tensor(eq.gamma_logit_init(torch.zeros(4, 4)))).item() == pytest.approx(1.0, abs=1e-5)
 
 
 def test_slot_plasticity_is_capped_at_one_for_the_top_slot():

@@ -22,6 +22,13 @@ def test_the_demo_config_validates_and_overrides_apply():
     assert config.model.name == "smollm2-135m"
 
 
+def test_only_the_reference_mlp_variant_is_not_a_plain_lora():
+    assert load_config(None, []).exports_plain_lora()
+    assert load_config(None, ["strategy.procl.formulation=reference"]).exports_plain_lora()
+    assert not load_config(None, ["strategy.procl.formulation=reference", "strategy.procl.reference_mlp=true"]).exports_plain_lora()
+    assert load_config(None, ["strategy.name=seq_lora"]).exports_plain_lora()
+
+
 def test_fingerprint_ignores_where_it_runs_but_not_what_it_trains():
     base = load_config(ROOT / "configs" / "demo.yaml")
     assert base.fingerprint() == load_config(ROOT / "configs" / "demo.yaml", ["scaling.num_workers=4"]).fingerprint()
