@@ -271,7 +271,8 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
                 losses = json.loads((Path(folder) / "progress.json").read_text())["losses"]
             trained = time.monotonic()
             scores = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, str(state_dir), tasks[: index + 1], threads))
-            seconds = {"train": trained - started, "evaluate": time.monotonic() - trained, "task": time.monotonic() - started}
+            evaluated = time.monotonic()
+            seconds = {"train": trained - started, "evaluate": evaluated - trained, "task": evaluated - started}
             record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"],
                                 losses, seconds=seconds)
             manifest.record(record)
