@@ -3,20 +3,20 @@
     .venv/bin/python benchmarks/chain_memory.py                 # 12 small tasks, tiny Llama, 2 workers (~6 min)
     .venv/bin/python benchmarks/chain_memory.py --tasks 20 --set model.name=smollm2-135m
     .venv/bin/python benchmarks/chain_memory.py --trace      # + where the driver's Python allocations grow
-    .venv/bin/python benchmarks/chain_memory.py --malloc-trim   # + the driver's RSS after glibc malloc_trim(0), per task
 
 Runs one chain through `pipeline.chain.run_chain` (local Ray, Ray Data, Ray Train + DeepSpeed, MLflow)
 on a stream of small tasks from the bundled datasets, sampling the resident memory of the driver
 process and of all its descendants (GCS, raylet, Ray workers: training workers, evaluation tasks,
 Ray Data actors) every 0.5 s. Per task it reports the peak total, and the driver's and the total
-after the task; the slope of the after-task total over tasks 2..T shows growth (target: flat, beyond
-the checkpoint files, which are on disk, not in memory). One JSON line last.
+after the task (the driver's also split into anonymous / file-backed / shared memory); the slope of
+the after-task total over tasks 2..T shows growth (target: flat, beyond the checkpoint files, which are
+on disk, not in memory), and the processes alive from task 2 to the end are listed by how much they
+grew, so growth is attributed to a process. One JSON line last.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import tempfile
@@ -49,6 +49,37 @@ def _tree_rss() -> tuple[int, int]:
         except psutil.Error:
             pass  # ended between listing and reading
     return driver, total
+
+
+def _driver_rss_kinds() -> dict[str, float]:
+    """The driver's resident memory by kind (MiB): anonymous (heaps), file-backed (mapped libraries and
+    files) and shared memory (Ray's object store, which the driver maps and touches as it puts objects)."""
+    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    kinds = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in fields:
+            kinds[f"after_driver_{fields[key]}_mib"] = int(value.split()[0]) / 1024
+    return kinds
+
+
+def _process_rss() -> dict[int, tuple[str, int]]:
+    """{pid: (name, RSS bytes)} of the driver's descendants (Ray's GCS, raylet, workers, ...)."""
+    found = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found[child.pid] = (" ".join(child.cmdline()[:2])[-60:] or child.name(), child.memory_info().rss)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _print_process_growth(first: dict[int, tuple[str, int]], last: dict[int, tuple[str, int]], tasks: int) -> None:
+    """The processes alive after task 2 and after the last task, by how much their RSS grew."""
+    grown = sorted(((last[pid][1] - rss, pid, name) for pid, (name, rss) in first.items() if pid in last), reverse=True)
+    print(f"\nprocesses alive from task 2 to task {tasks}, RSS growth:")
+    for growth, pid, name in grown[:8]:
+        print(f"{growth / MIB:+8.1f} MiB  pid {pid}  {name}")
 
 
 class Sampler:
@@ -93,8 +124,6 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--trace", action="store_true",
                         help="tracemalloc in the driver: print the call sites whose Python allocations grew most from task 2 to the last")
-    parser.add_argument("--malloc-trim", action="store_true",
-                        help="after each task also call glibc malloc_trim(0) in the driver and record its RSS after it")
     args = parser.parse_args()
     if args.trace:
         tracemalloc.start(12)
@@ -108,16 +137,15 @@ def main() -> None:
             "ray.num_cpus=2", *args.overrides,
         ])
         rows: list[dict[str, float]] = []
+        processes: dict[str, dict[int, tuple[str, int]]] = {}
         with Sampler() as sampler:
             def after_task(record, manifest) -> None:
                 driver, total = _tree_rss()
                 rows.append({"task": record.index + 1, "peak_total_mib": max(sampler.take_peak(), total) / MIB,
-                             "after_driver_mib": driver / MIB, "after_total_mib": total / MIB})
-                if args.malloc_trim:  # freed heap that glibc keeps in its arenas is handed back to the OS
-                    ctypes.CDLL("libc.so.6").malloc_trim(0)
-                    rows[-1]["after_trim_driver_mib"] = _tree_rss()[0] / MIB
+                             "after_driver_mib": driver / MIB, "after_total_mib": total / MIB, **_driver_rss_kinds()})
                 print(f"task {record.index + 1}: peak {rows[-1]['peak_total_mib']:.0f} MiB, after: driver "
                       f"{rows[-1]['after_driver_mib']:.0f} MiB, all {rows[-1]['after_total_mib']:.0f} MiB", flush=True)
+                processes["first" if record.index == 1 else "last"] = _process_rss()
                 if args.trace:
                     snapshots["first" if record.index == 1 else "last"] = tracemalloc.take_snapshot()
 
@@ -126,15 +154,17 @@ def main() -> None:
     tasks = np.array([r["task"] for r in rows[1:]])
     slope_total = float(np.polyfit(tasks, [r["after_total_mib"] for r in rows[1:]], 1)[0])
     slope_driver = float(np.polyfit(tasks, [r["after_driver_mib"] for r in rows[1:]], 1)[0])
-    slope_trimmed = float(np.polyfit(tasks, [r["after_trim_driver_mib"] for r in rows[1:]], 1)[0]) if args.malloc_trim else None
+    kind_slopes = {f"slope_{key}_per_task": round(float(np.polyfit(tasks, [r[key] for r in rows[1:]], 1)[0]), 2)
+                   for key in rows[0] if key.startswith("after_driver_") and key.endswith("_mib") and key != "after_driver_mib"}
     print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
     for r in rows:
         print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
+    _print_process_growth(processes["first"], processes["last"], len(rows))
     growth = _traced_growth(snapshots, len(rows)) if args.trace else None
     print(json.dumps({
         "benchmark": "chain_memory", "traced_python_growth_mib": growth, "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
         "slope_after_total_mib_per_task": round(slope_total, 2), "slope_after_driver_mib_per_task": round(slope_driver, 2),
-        "slope_after_trim_driver_mib_per_task": None if slope_trimmed is None else round(slope_trimmed, 2),
+        **kind_slopes,
     }))
 
 

@@ -108,10 +108,11 @@ def init_ray(config: RunConfig) -> None:
     # no address: a fresh local Ray for this chain (never an unrelated cluster that happens to run on
     # the machine), without a dashboard; inside `ray job submit`, ray.address=auto joins the cluster
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # per-task datasets are small: Ray Data's progress bars would drown the chain's own progress lines
-    ray.data.DataContext.get_current().enable_progress_bars = False
     if config.ray.address is None:
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True)
+        # no metrics either: nothing scrapes them without a dashboard, and the metrics agent's series (a new
+        # set per task's Ray Data and Ray Train run) grew its memory every task (benchmarks/chain_memory.py)
+        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 _system_config={"enable_metrics_collection": False})
     else:
         ray.init(address=config.ray.address)
 
@@ -129,12 +130,16 @@ def _tokenizer_factory(config: RunConfig):
 
 def _train(config: RunConfig, task_index: int, task: Task, examples: list, previous_state: Path | None):
     """One Ray Train fit() for one task; returns the final checkpoint's folder."""
+    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.preprocess import tokenized_dataset
     from pipeline.train_worker import train_task
 
+    # per-task datasets are small: Ray Data's progress bars would drown the chain's own progress lines
+    # (set here, not in init_ray, which a Tune trial's chain skips: Ray is already up there)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     dataset = tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
     trainer = TorchTrainer(
         train_task,

@@ -176,3 +176,32 @@ def test_the_reference_mlp_variant_runs_unmerged_and_ends_without_an_adapter_exp
     manifest = json.loads((tmp_path / "runs" / "reference-mlp" / "manifest.json").read_text())
     assert len(manifest["tasks"]) == 2 and manifest["adapter_dir"] is None
     assert all(0.0 <= s <= 1.0 for s in manifest["tasks"][-1]["test"].values())
+
+
+def test_a_task_whose_training_fails_reports_the_tasks_own_error_in_one_line(tmp_path):
+    """A task whose workers fail on every restart ends the chain with one line naming the task and the
+    workers' own error (what the CLI prints after `error:`), not Ray's exception with its tracebacks."""
+    config = write_config(tmp_path, "fails")
+    # its own process: a Ray started in pytest's process would leave its settings to later tests
+    script = f"""
+import json
+from pathlib import Path
+from pipeline import chain
+from pipeline.config import load_config
+
+config = load_config(Path({str(config)!r}), [])
+task = chain.select_tasks(config)[0]
+chain.init_ray(config)
+try:  # the workers cannot load the previous task's state
+    chain._train(config, 0, task, [list(p) for p in task.training_texts()], Path({str(tmp_path / "no-such-checkpoint")!r}))
+except RuntimeError as error:
+    print("RESULT", json.dumps([type(error).__name__, str(error)]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, (result.stdout[-3000:], result.stderr[-3000:])
+    kind, message = json.loads(lines[0].removeprefix("RESULT "))
+    assert kind == "RuntimeError" and "\n" not in message, message
+    assert message.startswith("task amazon: training failed (after 2 restarts): "), message
+    assert "no-such-checkpoint" in message
