@@ -1,6 +1,6 @@
 """Method quality: every strategy on the standard stream, 3 orders x seeds, the same budget for all.
 
-    nice -n 19 .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality   # CPU size (~4 min per chain idle, ~2.4 h: background it)
+    nice -n 19 .venv/bin/python benchmarks/cl_quality.py --out runs/cl_quality   # CPU size (~4-5 min per chain idle, ~2.5 h: background it)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-quick --quick   # 1 order, 1 seed, tiny Llama (~5 min)
     .venv/bin/python benchmarks/cl_quality.py --out runs/clq-big --train 400 --validation 80 --test 160 --seeds 0 1 2
 
