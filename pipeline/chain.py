@@ -30,6 +30,9 @@ from procl.checkpoint import META_FILE, TENSORS_FILE, load_strategy_state, sha25
 
 console = Console()
 MAX_WORKER_FAILURES = 2  # Ray Train restarts of a task's worker group (from its last in-task checkpoint)
+# worker processes a local CPU chain's Ray keeps beyond one per CPU before ending idle ones: a task's
+# Ray Train and Ray Data actors count too (8 on 2 CPUs is what benchmarks/pipeline_overhead.py measured)
+EXTRA_WORKERS_KEPT = 6
 
 
 @dataclass
@@ -111,8 +114,15 @@ def init_ray(config: RunConfig) -> None:
     if config.ray.address is None:
         # no metrics either: nothing scrapes them without a dashboard, and the metrics agent's series (a new
         # set per task's Ray Data and Ray Train run) grew its memory every task (benchmarks/chain_memory.py)
+        system_config: dict = {"enable_metrics_collection": False}
+        if not config.scaling.use_gpu:
+            # keep the evaluation task's worker process warm while training holds every CPU: past the
+            # default limit (one worker per CPU) Ray ends it, and each task's evaluation then started a
+            # new process and re-imported torch (4.6 s of every task, benchmarks/pipeline_overhead.py).
+            # Not on GPU, where an idle worker would keep its CUDA context and cached memory.
+            system_config["num_workers_soft_limit"] = (config.ray.num_cpus or os.cpu_count() or 1) + EXTRA_WORKERS_KEPT
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 _system_config={"enable_metrics_collection": False})
+                 _system_config=system_config)
     else:
         ray.init(address=config.ray.address)
 
