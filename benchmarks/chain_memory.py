@@ -36,6 +36,7 @@ from pipeline.config import load_config  # noqa: E402
 
 DATASETS = ["amazon", "bbc", "yahoo", "dbpedia", "banking", "clinc", "hwu", "stackoverflow"]
 MIB = 1024 * 1024
+DRIVER_RSS_KINDS = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}  # /proc/self/status field -> name
 
 
 def _tree_rss() -> tuple[int, int]:
@@ -54,12 +55,11 @@ def _tree_rss() -> tuple[int, int]:
 def _driver_rss_kinds() -> dict[str, float]:
     """The driver's resident memory by kind (MiB): anonymous (heaps), file-backed (mapped libraries and
     files) and shared memory (Ray's object store, which the driver maps and touches as it puts objects)."""
-    fields = {"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
     kinds = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in fields:
-            kinds[f"after_driver_{fields[key]}_mib"] = int(value.split()[0]) / 1024
+        if key in DRIVER_RSS_KINDS:
+            kinds[f"after_driver_{DRIVER_RSS_KINDS[key]}_mib"] = int(value.split()[0]) / 1024
     return kinds
 
 
@@ -145,17 +145,18 @@ def main() -> None:
                              "after_driver_mib": driver / MIB, "after_total_mib": total / MIB, **_driver_rss_kinds()})
                 print(f"task {record.index + 1}: peak {rows[-1]['peak_total_mib']:.0f} MiB, after: driver "
                       f"{rows[-1]['after_driver_mib']:.0f} MiB, all {rows[-1]['after_total_mib']:.0f} MiB", flush=True)
-                processes["first" if record.index == 1 else "last"] = _process_rss()
+                which = "first" if record.index == 1 else "last"
+                processes[which] = _process_rss()
                 if args.trace:
-                    snapshots["first" if record.index == 1 else "last"] = tracemalloc.take_snapshot()
+                    snapshots[which] = tracemalloc.take_snapshot()
 
             run_chain(config, on_task_done=after_task)
 
     tasks = np.array([r["task"] for r in rows[1:]])
     slope_total = float(np.polyfit(tasks, [r["after_total_mib"] for r in rows[1:]], 1)[0])
     slope_driver = float(np.polyfit(tasks, [r["after_driver_mib"] for r in rows[1:]], 1)[0])
-    kind_slopes = {f"slope_{key}_per_task": round(float(np.polyfit(tasks, [r[key] for r in rows[1:]], 1)[0]), 2)
-                   for key in rows[0] if key.startswith("after_driver_") and key.endswith("_mib") and key != "after_driver_mib"}
+    kind_keys = [f"after_driver_{kind}_mib" for kind in DRIVER_RSS_KINDS.values()]
+    kind_slopes = {f"slope_{key}_per_task": round(float(np.polyfit(tasks, [r[key] for r in rows[1:]], 1)[0]), 2) for key in kind_keys}
     print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
     for r in rows:
         print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
