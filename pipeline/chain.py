@@ -122,6 +122,7 @@ def init_ray(config: RunConfig) -> None:
             # Not on GPU, where an idle worker would keep its CUDA context and cached memory.
             system_config["num_workers_soft_limit"] = (config.ray.num_cpus or os.cpu_count() or 1) + EXTRA_WORKERS_KEPT
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_placement_group_cleaner"},
                  _system_config=system_config)
     else:
         ray.init(address=config.ray.address)

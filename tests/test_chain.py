@@ -111,6 +111,8 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     merged = PeftModel.from_pretrained(base, manifest["adapter_dir"]).merge_and_unload()
     assert type(merged).__name__ == "LlamaForCausalLM"
     assert "chain finished" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
+    # Ray Train's placement-group cleaner cannot reach the State API without a dashboard: quieted, not spammed
+    assert "State API may be temporarily unavailable" not in result.stdout + result.stderr
 
 
 def kill_driver_when(args: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
