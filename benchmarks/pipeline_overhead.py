@@ -6,7 +6,7 @@
 
 Both sides run in one invocation, one after the other, on the same config: the same model, stream,
 strategy, optimizer steps (num_workers x batch_size rows per step, the same gradient clipping), the
-same strategy hooks and the same evaluation (`pipeline.evaluation.score_task` on validation + test of
+same strategy hooks and the same evaluation (`pipeline.chain.score_tasks` on validation + test of
 every task seen so far, after each task, plus the zero-shot row and the adapter export).
 
 - pipeline: `pipeline.chain.run_chain` as `python -m pipeline run` does it, in a fresh local Ray

@@ -76,16 +76,20 @@ def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[
     """{split: {task: score}} on the validation and test splits of `tasks`."""
     import torch
 
-    from pipeline.evaluation import score_task
+    from pipeline.evaluation import answered_correctly
 
     scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.scores_in_bf16()):
         for task in tasks:
+            # both splits in one call: their prompts are batched by length together (less padding)
+            correct = answered_correctly(
+                model, tokenizer, [p for split in scores for p in task.prompts(split)],
+                [t for split in scores for t in task.targets(split)], task.metric,
+                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
+            )
             for split in scores:
-                scores[split][task.name] = score_task(
-                    model, tokenizer, task.prompts(split), task.targets(split), task.metric,
-                    task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
-                )
+                split_correct, correct = correct[: len(task.splits[split])], correct[len(task.splits[split]) :]
+                scores[split][task.name] = sum(split_correct) / len(split_correct)
     return scores
 
 

@@ -8,7 +8,9 @@ the model reads their concatenation. ``pipeline.preprocess`` tokenises training 
 Label scoring runs the prompts once (left-padded, so every prompt ends at the last column and its
 KV cache can be continued directly) and then all K candidates of every prompt in one forward that
 reuses the prompt cache repeated K times, instead of K full forwards of prompt + candidate
-(``naive_label_log_likelihoods``, the reference the fast path must match).
+(``naive_label_log_likelihoods``, the reference the fast path must match). The prefix all prompts
+share (a task's instruction) runs once per call, and prompts are batched by length, so little of the
+compute goes to repeated or padded tokens.
 """
 
 from __future__ import annotations
@@ -112,34 +114,75 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
     return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 
+def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
+    """Indices of `prompt_ids` in batches of similar lengths (shortest first).
+
+    Every batch is padded to its longest prompt, so batching prompts in the given order computes padding
+    too (a third more tokens than the prompts hold on the demo stream); sorted, a batch pads little.
+    Callers write each result back to its index, so the output order is the input order.
+    """
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    return (order[batch] for batch in _batches(len(order), batch_size))
+
+
 # ----------------------------------------------------------------------------- label scoring
 
 
 def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8) -> torch.Tensor:
     """Summed log-probability of each candidate's continuation tokens after each prompt, shape (prompts, candidates).
 
-    Per batch of prompts: one left-padded forward over the prompts (its last column holds every prompt's
-    next-token distribution, which scores each candidate's first token), then the candidates' remaining
-    tokens in one forward over batch x K rows that continues the prompt KV cache. Matches
-    ``naive_label_log_likelihoods`` up to float rounding.
+    The tokens every prompt starts with (a task's instruction) run once, and their KV cache serves every
+    batch. Per batch of prompts: one forward over the prompts' own tokens, left-padded after that prefix
+    (its last column holds every prompt's next-token distribution, which scores each candidate's first
+    token), then the candidates' remaining tokens in one forward over batch x K rows that continues the
+    prompt KV cache. Matches ``naive_label_log_likelihoods`` up to float rounding.
     """
     candidate_ids = _candidate_ids(tokenizer, candidates)
     prompt_ids = _prompt_ids(tokenizer, prompts)
     pad_id = _pad_id(tokenizer)
-    scores = [torch.empty(0, len(candidates))]
+    prefix = prompt_ids[0][: _shared_prefix_length(prompt_ids)]
+    scores = torch.empty(len(prompts), len(candidates))
     with _inference(model):
-        for batch in _batches(len(prompts), batch_size):
-            scores.append(_score_batch(model, prompt_ids[batch], candidate_ids, pad_id).cpu())
-    return torch.cat(scores)
+        prefix_cache = _prefix_cache(model, prefix)
+        for batch in _length_sorted_batches(prompt_ids, batch_size):
+            scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, len(prefix), prefix_cache).cpu()
+    return scores
 
 
-def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int) -> torch.Tensor:
+def _shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving every prompt at least one token of its own."""
+    first, length = prompt_ids[0], 0
+    shortest = min(len(ids) for ids in prompt_ids)
+    while length < shortest - 1 and all(ids[length] == first[length] for ids in prompt_ids):
+        length += 1
+    return length
+
+
+def _prefix_cache(model, prefix: list[int]):
+    """The KV cache of the shared prefix (batch 1), or None when there is none."""
+    if not prefix:
+        return None
+    ids = torch.tensor([prefix], device=model.device)
+    return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).cache
+
+
+def _score_batch(
+    model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_length: int = 0, prefix_cache=None
+) -> torch.Tensor:
     device = model.device
-    prompt, prompt_mask = _pad(prompt_ids, pad_id, "left", device)
+    # Rows are [shared prefix][padding][the prompt's own tokens]: the prefix cache serves every row, and every
+    # prompt still ends at the last column. The mask and positions skip the padding.
+    own, own_mask = _pad([ids[prefix_length:] for ids in prompt_ids], pad_id, "left", device)
+    prompt_mask = torch.cat([own_mask.new_ones(len(prompt_ids), prefix_length), own_mask], dim=1)
+    cache = None
+    if prefix_cache is not None:
+        cache = copy.deepcopy(prefix_cache)  # batch_repeat_interleave works in place; later batches need batch 1
+        cache.batch_repeat_interleave(len(prompt_ids))
     # logits_to_keep=1: only the last column's logits are needed, and the lm_head is a large share of a
     # small model's compute.
     out = model(
-        input_ids=prompt, attention_mask=prompt_mask, position_ids=_positions(prompt_mask), use_cache=True, logits_to_keep=1
+        input_ids=own, attention_mask=prompt_mask, position_ids=_positions(prompt_mask)[:, prefix_length:], cache=cache,
+        use_cache=True, logits_to_keep=1,
     )
     first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
 
@@ -223,14 +266,6 @@ def classify(
     return scores.argmax(-1).tolist()
 
 
-def accuracy(predictions: Sequence[int], gold: Sequence[int]) -> float:
-    if len(predictions) != len(gold):
-        raise ValueError(f"{len(predictions)} predictions for {len(gold)} gold labels; expected one per example")
-    if not gold:
-        raise ValueError("accuracy of zero examples is undefined; expected at least one example")
-    return sum(p == g for p, g in zip(predictions, gold)) / len(gold)
-
-
 # ----------------------------------------------------------------------------- generation
 
 
@@ -244,12 +279,12 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     eos = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer)
     prompt_ids = _prompt_ids(tokenizer, prompts)
-    answers: list[str] = []
+    answers = [""] * len(prompts)
     with _inference(model):
-        for batch in _batches(len(prompts), batch_size):
-            for tokens in _greedy(model, tokenizer, prompt_ids[batch], max_new_tokens, eos, pad_id):
+        for batch in _length_sorted_batches(prompt_ids, batch_size):
+            for index, tokens in zip(batch, _greedy(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, eos, pad_id)):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
-                answers.append(text.split("\n", 1)[0].strip())
+                answers[index] = text.split("\n", 1)[0].strip()
     return answers
 
 
@@ -326,6 +361,24 @@ def score_task(
     ``candidates`` is required for "accuracy" (each target must be one of them) and unused otherwise;
     ``max_new_tokens`` bounds the answers of the generation metrics.
     """
+    correct = answered_correctly(model, tokenizer, prompts, targets, metric, candidates, batch_size, max_new_tokens)
+    return sum(correct) / len(correct)
+
+
+def answered_correctly(
+    model,
+    tokenizer,
+    prompts: list[str],
+    targets: list[str],
+    metric: Metric,
+    candidates: list[str] | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+) -> list[bool]:
+    """Per example, whether the model's answer counts as correct under ``metric`` (``score_task`` is their mean).
+
+    Scoring several splits of a task in one call batches all their prompts by length together.
+    """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if len(prompts) != len(targets):
@@ -339,11 +392,11 @@ def score_task(
         missing = sorted({t for t in targets if t.strip() not in index})
         if missing:
             raise ValueError(f"targets {missing!r} are not among the candidates {list(candidates)!r}")
-        gold = [index[t.strip()] for t in targets]
-        return accuracy(classify(model, tokenizer, prompts, candidates, batch_size), gold)
+        predictions = classify(model, tokenizer, prompts, candidates, batch_size)
+        return [prediction == index[t.strip()] for prediction, t in zip(predictions, targets)]
     empty = sorted({t for t in targets if not _normalize(t)})
     if empty:
         raise ValueError(f"targets {empty!r} are empty after normalisation; expected a non-empty answer to match")
     match = exact_match if metric == "exact_match" else contains_match
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
-    return sum(match(a, t) for a, t in zip(answers, targets)) / len(targets)
+    return [match(a, t) for a, t in zip(answers, targets)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -9,7 +11,7 @@ from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline.evaluation import (
-    accuracy,
+    answered_correctly,
     classify,
     contains_match,
     exact_match,
@@ -127,6 +129,36 @@ def test_label_scoring_equals_naive(kind, attn, batch_size, llama_tok, gpt2_tok)
     assert fast.std(dim=0).min() > 1e-3 and fast.std(dim=1).min() > 1e-3
 
 
+# One task's prompts: the same instruction, inputs of different lengths (a shared prefix of 10+ tokens).
+INSTRUCTED = [format_prompt("classify the sentiment of the review .", text) for text in (
+    "great movie", "the plot was really awful , the acting was not good . bad film", "it is fine , is it ?", "bad",
+    "a good film , very good acting , really good",
+)]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("kind,attn", CASES)
+def test_a_shared_instruction_runs_once_and_scores_equal_naive(kind, attn, batch_size, llama_tok, gpt2_tok):
+    model, tok = model_and_tokenizer(kind, attn, llama_tok, gpt2_tok)
+    prompt_tokens = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        prompt_tokens.append(kwargs["input_ids"].numel() if kwargs.get("logits_to_keep") == 1 else 0)
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    fast = label_log_likelihoods(model, tok, INSTRUCTED, CANDIDATES, batch_size=batch_size)
+    model.forward = forward
+    torch.testing.assert_close(fast, naive_label_log_likelihoods(model, tok, INSTRUCTED, CANDIDATES, batch_size=1), atol=1e-5, rtol=0)
+    assert fast.std(dim=0).min() > 1e-3 and fast.std(dim=1).min() > 1e-3
+    ids = [tok(p).input_ids for p in INSTRUCTED]
+    shared = len(os.path.commonprefix(ids))  # the instruction and "Input:" (and the BOS where there is one)
+    assert shared >= 10
+    if batch_size == 1:  # unpadded: the prompt passes read the prefix once plus every prompt's own tokens
+        assert sum(prompt_tokens) == shared + sum(len(i) - shared for i in ids)
+
+
 def test_label_scoring_through_a_lora_adapter(llama_tok):
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(make_llama(len(llama_tok)), lora)
@@ -155,15 +187,6 @@ def test_classify_is_the_argmax_of_naive_scores(llama_tok):
     assert normalized == (naive / lengths).argmax(-1).tolist()
 
 
-def test_accuracy_by_hand():
-    assert accuracy([0, 1, 2, 1], [0, 1, 1, 1]) == 0.75
-    assert accuracy([3], [3]) == 1.0
-    with pytest.raises(ValueError, match="3 predictions for 2 gold"):
-        accuracy([0, 1, 2], [0, 1])
-    with pytest.raises(ValueError, match="zero examples"):
-        accuracy([], [])
-
-
 def test_score_task_accuracy_is_classification_accuracy(llama_tok):
     model = make_llama(len(llama_tok), seed=1)
     predicted = classify(model, llama_tok, PROMPTS, CANDIDATES)
@@ -171,6 +194,38 @@ def test_score_task_accuracy_is_classification_accuracy(llama_tok):
     assert score_task(model, llama_tok, PROMPTS, targets, "accuracy", CANDIDATES, batch_size=2) == 1.0
     targets[0] = CANDIDATES[(predicted[0] + 1) % len(CANDIDATES)]
     assert score_task(model, llama_tok, PROMPTS, targets, "accuracy", CANDIDATES) == pytest.approx(4 / 5)
+
+
+def test_prompts_are_batched_by_length_and_scores_come_back_in_input_order(llama_tok):
+    model = make_llama(len(llama_tok), seed=4)
+    widths = []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        if kwargs.get("logits_to_keep") == 1:  # the prompt pass; the candidate pass continues its cache
+            widths.append(kwargs["input_ids"].shape)
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    scores = label_log_likelihoods(model, llama_tok, PROMPTS, CANDIDATES, batch_size=2)
+    lengths = sorted(len(llama_tok(p).input_ids) for p in PROMPTS)
+    # the shared prefix (here only the BOS) once, then the rest of each prompt shortest first, each batch
+    # padded only to its own longest prompt
+    assert widths == [(1, 1), (2, lengths[1] - 1), (2, lengths[3] - 1), (1, lengths[4] - 1)]
+    one_by_one = torch.stack([label_log_likelihoods(model, llama_tok, [p], CANDIDATES)[0] for p in PROMPTS])
+    torch.testing.assert_close(scores, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_answered_correctly_marks_each_example_and_score_task_is_their_mean(llama_tok):
+    model = make_llama(len(llama_tok), seed=1)
+    predicted = classify(model, llama_tok, PROMPTS, CANDIDATES)
+    targets = [CANDIDATES[i] for i in predicted]
+    targets[3] = CANDIDATES[(predicted[3] + 1) % len(CANDIDATES)]
+    correct = answered_correctly(model, llama_tok, PROMPTS, targets, "accuracy", CANDIDATES, batch_size=2)
+    assert correct == [True, True, True, False, True]
+    # scoring two "splits" in one call gives each split the score it gets alone
+    assert sum(correct[:2]) / 2 == score_task(model, llama_tok, PROMPTS[:2], targets[:2], "accuracy", CANDIDATES)
+    assert sum(correct[2:]) / 3 == score_task(model, llama_tok, PROMPTS[2:], targets[2:], "accuracy", CANDIDATES)
 
 
 def constant_llama(tokenizer, token: str) -> LlamaForCausalLM:
