@@ -14,6 +14,7 @@ optimizer moments as they were; the task's end is always one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -28,6 +29,10 @@ from pipeline.models import load_model_and_tokenizer
 from pipeline.preprocess import trim_padding
 from procl import make_strategy
 from procl.checkpoint import load_strategy_state, sha256_file, write_state
+
+# Progress goes through logging, not print: Ray Train's workers turn print() into a log record *and* a
+# print, so every progress line reached the driver's console twice.
+console = logging.getLogger(__name__)
 
 STATE = "state"
 PROGRESS = "progress.json"
@@ -141,7 +146,7 @@ def _report(strategy, model, progress: dict[str, Any], metrics: dict[str, float]
 
 
 class _ProgressLine:
-    """Rank 0 prints `task i/T step s/S loss ETA` about ten times per task (Ray forwards it to the driver)."""
+    """Rank 0 logs `task i/T step s/S loss ETA` about ten times per task (Ray forwards it to the driver)."""
 
     def __init__(self, label: str, total: int, enabled: bool) -> None:
         self.label, self.total, self.enabled = label, max(total, 1), enabled
@@ -153,7 +158,7 @@ class _ProgressLine:
             return
         elapsed = time.monotonic() - self.started
         eta = elapsed / step * max(self.total - step, 0)
-        print(f"[{self.label}] step {step}/{self.total} loss {loss:.4f} eta {eta:.0f}s", flush=True)
+        console.info(f"[{self.label}] step {step}/{self.total} loss {loss:.4f} eta {eta:.0f}s")
 
 
 def train_task(loop_config: dict[str, Any]) -> None:
@@ -181,8 +186,8 @@ def train_task(loop_config: dict[str, Any]) -> None:
         progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
         if rank == 0:
             moments = "with" if optimizer_state is not None else "without (none in the checkpoint)"
-            print(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']} "
-                  f"{moments} the optimizer's moments", flush=True)
+            console.info(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']} "
+                         f"{moments} the optimizer's moments")
     else:
         if loop_config["previous_state"] is not None:
             load_strategy_state(strategy, model, loop_config["previous_state"])

@@ -113,6 +113,9 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     assert "chain finished" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     # Ray Train's placement-group cleaner cannot reach the State API without a dashboard: quieted, not spammed
     assert "State API may be temporarily unavailable" not in result.stdout + result.stderr
+    # the workers' progress lines reach the console, each once (print() inside Ray Train doubled them)
+    progress = [line for line in (result.stdout + result.stderr).splitlines() if "] step " in line]
+    assert progress and len(progress) == len(set(progress)), progress
 
 
 def kill_driver_when(args: list[str], ready: Callable[[], bool], timeout: float = 600) -> None:
