@@ -346,25 +346,6 @@ def contains_match(prediction: str, gold: str) -> bool:
 # ----------------------------------------------------------------------------- one task
 
 
-def score_task(
-    model,
-    tokenizer,
-    prompts: list[str],
-    targets: list[str],
-    metric: Metric,
-    candidates: list[str] | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int = 16,
-) -> float:
-    """The task's score in [0, 1]: label-scoring accuracy over ``candidates``, or a match rate of greedy answers.
-
-    ``candidates`` is required for "accuracy" (each target must be one of them) and unused otherwise;
-    ``max_new_tokens`` bounds the answers of the generation metrics.
-    """
-    correct = answered_correctly(model, tokenizer, prompts, targets, metric, candidates, batch_size, max_new_tokens)
-    return sum(correct) / len(correct)
-
-
 def answered_correctly(
     model,
     tokenizer,
@@ -375,9 +356,12 @@ def answered_correctly(
     batch_size: int = 8,
     max_new_tokens: int = 16,
 ) -> list[bool]:
-    """Per example, whether the model's answer counts as correct under ``metric`` (``score_task`` is their mean).
+    """Per example, whether the model's answer counts as correct: label-scoring accuracy over ``candidates``
+    (metric "accuracy"), or a match of the greedy answer ("exact_match", "contains"). A task's score is their mean.
 
-    Scoring several splits of a task in one call batches all their prompts by length together.
+    ``candidates`` is required for "accuracy" (each target must be one of them) and unused otherwise;
+    ``max_new_tokens`` bounds the answers of the generation metrics. Scoring several splits of a task in
+    one call batches all their prompts by length together.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")

@@ -18,7 +18,6 @@ from pipeline.evaluation import (
     generate_answers,
     label_log_likelihoods,
     naive_label_log_likelihoods,
-    score_task,
 )
 from pipeline.prompts import format_prompt, target_continuation
 
@@ -84,6 +83,12 @@ def test_tokenizer_fixture_is_what_the_tests_rely_on(llama_tok, gpt2_tok):
     lengths = [len(llama_tok(target_continuation(c), add_special_tokens=False).input_ids) for c in CANDIDATES]
     assert lengths == [1, 2, 3, 4, 1]
     assert len({len(llama_tok(p).input_ids) for p in PROMPTS}) == len(PROMPTS)
+
+
+def score_task(*args, **kwargs) -> float:
+    """A task's score: the mean of its examples' verdicts."""
+    correct = answered_correctly(*args, **kwargs)
+    return sum(correct) / len(correct)
 
 
 def manual_score(model, tokenizer, prompt: str, candidate: str) -> float:
@@ -216,7 +221,7 @@ def test_prompts_are_batched_by_length_and_scores_come_back_in_input_order(llama
     torch.testing.assert_close(scores, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-def test_answered_correctly_marks_each_example_and_score_task_is_their_mean(llama_tok):
+def test_answered_correctly_marks_each_example_and_splits_scored_together_score_as_alone(llama_tok):
     model = make_llama(len(llama_tok), seed=1)
     predicted = classify(model, llama_tok, PROMPTS, CANDIDATES)
     targets = [CANDIDATES[i] for i in predicted]
@@ -280,7 +285,7 @@ def test_generate_answers_stops_at_max_tokens_newline_and_eos(llama_tok):
 
 
 def test_score_task_generation_metrics(llama_tok):
-    model = constant_llama(llama_tok, "yes")  # answers "yes" x 16, score_task's default max_new_tokens
+    model = constant_llama(llama_tok, "yes")  # answers "yes" x 16, answered_correctly's default max_new_tokens
     prompts = PROMPTS[:3]
     assert score_task(model, llama_tok, prompts, ["yes " * 15 + "YES!", "yes", "no"], "exact_match") == pytest.approx(1 / 3)
     assert score_task(model, llama_tok, prompts, ["Yes yes.", "yes", "no"], "contains", batch_size=2) == pytest.approx(2 / 3)
