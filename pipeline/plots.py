@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -82,8 +83,8 @@ def accuracy_matrix_heatmap(matrix: Sequence[Sequence[float]], task_names: Seque
     fig, (ax,) = _figure(max(5.0, 1.0 + 0.75 * n_cols), max(2.8, 1.2 + 0.5 * n_rows))
     finite = r[np.isfinite(r)]
     vmin, vmax = min(0.0, float(finite.min())), max(1.0, float(finite.max()))
-    image = ax.imshow(np.ma.masked_invalid(r), cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
-    image.cmap.set_bad("white")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # cells not evaluated yet stay blank
+    image = ax.imshow(np.ma.masked_invalid(r), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
     _annotate(ax, image, r, _score_format(r), _cell_fontsize(n_cols))
     for i in range(1, n_rows):
         ax.add_patch(Rectangle((i - 1 - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
