@@ -9,10 +9,17 @@ Rows are padded to `max_length` inside `map_batches` (fixed shapes keep Ray Data
 simple) and `trim_padding` cuts each batch back to its longest sequence, so no step computes on
 more padding than its batch needs. The dataset is materialized before training: with every CPU
 taken by training workers, a streaming dataset would have no CPU left to run on and hang.
+
+Tokenisation runs as Ray tasks, one per block of up to `ROWS_PER_BLOCK` rows, each loading the
+tokenizer once. Tasks run in Ray's pooled worker processes, which a chain keeps warm between tasks;
+an actor pool started a fresh process per dataset, i.e. per task of a chain (6.6 s per task for the
+demo's 48 rows, against 0.7-1.3 s as tasks; benchmarks/README.md).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +31,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from pipeline.prompts import ANSWER_CUE
 
 IGNORE_INDEX = -100  # positions the loss skips (torch cross-entropy's default ignore_index)
+ROWS_PER_BLOCK = 4096  # rows per tokenisation task: a tokenizer load (~0.3 s) is small against tokenising them
 
 
 def build_training_row(
@@ -47,10 +55,9 @@ def build_training_row(
 
 
 class TokenizeBatch:
-    """map_batches callable: {"prompt", "continuation"} columns -> input_ids / attention_mask / labels.
+    """{"prompt", "continuation"} columns -> input_ids / attention_mask / labels, with its tokenizer loaded once.
 
-    A class, so each Ray Data actor loads its tokenizer once. `mask_prompt=False` trains on the
-    whole sequence, as the reference code did.
+    `mask_prompt=False` trains on the whole sequence, as the reference code did.
     """
 
     def __init__(self, tokenizer_factory: Callable[[], Any], max_length: int, mask_prompt: bool = True) -> None:
@@ -82,15 +89,28 @@ def tokenized_dataset(
     if not training_texts:
         raise ValueError("no training examples to preprocess")
     items = [{"prompt": prompt, "continuation": continuation} for prompt, continuation in training_texts]
-    dataset = ray.data.from_items(items).map_batches(
-        TokenizeBatch,
-        fn_constructor_args=(tokenizer_factory, max_length, mask_prompt),
+    dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / ROWS_PER_BLOCK)).map_batches(
+        tokenize_rows,
+        fn_args=(tokenizer_factory, max_length, mask_prompt),
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,  # leaves room beside training workers on a small machine
     )
     return dataset.materialize()
+
+
+def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_factory: Callable[[], Any], max_length: int,
+                  mask_prompt: bool) -> dict[str, np.ndarray]:
+    """map_batches function: `TokenizeBatch` over one batch, its tokenizer shared by the task's batches."""
+    return _task_tokenizer(tokenizer_factory, max_length, mask_prompt)(batch)
+
+
+@functools.lru_cache(maxsize=1)
+def _task_tokenizer(tokenizer_factory: Callable[[], Any], max_length: int, mask_prompt: bool) -> TokenizeBatch:
+    # A Ray task deserializes its arguments once, so every batch of the task passes the same factory
+    # object and the tokenizer loads once per task. The cache holds that object, so its id is never
+    # reused by another factory while cached.
+    return TokenizeBatch(tokenizer_factory, max_length, mask_prompt)
 
 
 class TrimPadding(NumpyBatchCollateFn):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.models import ModelSpec, load_model_and_tokenizer, load_tokenizer
-from pipeline.preprocess import IGNORE_INDEX, build_training_row, count_tokens, tokenized_dataset, trim_padding
+from pipeline.preprocess import IGNORE_INDEX, build_training_row, count_tokens, tokenize_rows, tokenized_dataset, trim_padding
 from pipeline.streams import load_stream
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "streams"
@@ -50,6 +50,23 @@ def test_trim_padding_cuts_to_the_longest_row():
     }
     out = trim_padding(batch)
     assert out["input_ids"].tolist() == [[1, 2], [3, 0]] and out["labels"].dtype == torch.int64
+
+
+def test_a_tokenisation_task_loads_its_tokenizer_once_for_all_its_batches():
+    import numpy as np
+
+    loads = []
+
+    def factory():
+        loads.append(1)
+        return load_tokenizer(TINY)
+
+    batch = {"prompt": np.array(["Input: a\nAnswer:"]), "continuation": np.array([" yes"])}
+    first = tokenize_rows(batch, factory, 32, True)
+    second = tokenize_rows(batch, factory, 32, True)  # the same task's next batch: same factory object
+    assert len(loads) == 1 and (first["input_ids"] == second["input_ids"]).all()
+    other = partial(load_tokenizer, TINY)  # another task's factory (deserialized anew): loads its own
+    assert (tokenize_rows(batch, other, 32, True)["labels"] == first["labels"]).all() and len(loads) == 1
 
 
 @pytest.fixture(scope="module")
