@@ -30,7 +30,9 @@ import torch  # noqa: E402
 
 from pipeline.chain import select_tasks  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.evaluation import _candidate_ids, _inference, _pad_id, _prompt_ids, _score_batch, label_log_likelihoods  # noqa: E402
+from pipeline.evaluation import (  # noqa: E402
+    _candidate_ids, _inference, _pad_id, _prompt_ids, _score_batch, _shared_prefix_length, label_log_likelihoods,
+)
 from pipeline.models import load_model_and_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,7 @@ def main() -> None:
     for task in tasks:
         lengths = {split: [len(tokenizer(p).input_ids) for p in task.prompts(split)] for split in SPLITS}
         pooled = [ids for split in SPLITS for ids in _prompt_ids(tokenizer, task.prompts(split))]
-        shared = len(os.path.commonprefix(pooled))
+        shared = _shared_prefix_length(pooled)
         real += sum(sum(v) for v in lengths.values())
         tokens_before += sum(padded_tokens(v, batch) for v in lengths.values())
         tokens_now += shared + padded_tokens(sorted(n - shared for v in lengths.values() for n in v), batch)

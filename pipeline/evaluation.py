@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import re
 import string
 from collections.abc import Iterator, Sequence
@@ -145,17 +146,13 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list
     with _inference(model):
         prefix_cache = _prefix_cache(model, prefix)
         for batch in _length_sorted_batches(prompt_ids, batch_size):
-            scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, len(prefix), prefix_cache).cpu()
+            scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, prefix_cache).cpu()
     return scores
 
 
 def _shared_prefix_length(prompt_ids: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all prompts share, leaving every prompt at least one token of its own."""
-    first, length = prompt_ids[0], 0
-    shortest = min(len(ids) for ids in prompt_ids)
-    while length < shortest - 1 and all(ids[length] == first[length] for ids in prompt_ids):
-        length += 1
-    return length
+    return min(len(os.path.commonprefix(prompt_ids)), min(len(ids) for ids in prompt_ids) - 1)
 
 
 def _prefix_cache(model, prefix: list[int]):
@@ -166,12 +163,11 @@ def _prefix_cache(model, prefix: list[int]):
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).cache
 
 
-def _score_batch(
-    model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_length: int = 0, prefix_cache=None
-) -> torch.Tensor:
+def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_cache=None) -> torch.Tensor:
     device = model.device
     # Rows are [shared prefix][padding][the prompt's own tokens]: the prefix cache serves every row, and every
     # prompt still ends at the last column. The mask and positions skip the padding.
+    prefix_length = 0 if prefix_cache is None else prefix_cache.get_seq_length()
     own, own_mask = _pad([ids[prefix_length:] for ids in prompt_ids], pad_id, "left", device)
     prompt_mask = torch.cat([own_mask.new_ones(len(prompt_ids), prefix_length), own_mask], dim=1)
     cache = None
