@@ -6,21 +6,23 @@
 
 Both sides run in one invocation, one after the other, on the same config: the same model, stream,
 strategy, optimizer steps (num_workers x batch_size rows per step, the same gradient clipping), the
-same strategy hooks and the same evaluation (`pipeline.chain.score_tasks` on validation + test of
-every task seen so far, after each task, plus the zero-shot row and the adapter export).
+same strategy hooks and the same evaluation (`pipeline.scoring`, on validation + test of every task
+seen so far, after each task, plus the zero-shot row and the adapter export).
 
 - pipeline: `pipeline.chain.run_chain` as `python -m pipeline run` does it, in a fresh local Ray
-  (2 Ray Train workers x 1 CPU, gloo, DeepSpeed; evaluation/export in Ray tasks) with MLflow.
+  (one Ray Train worker group of 2 workers x 1 CPU for the whole chain, gloo, DeepSpeed, scoring
+  sharded over the workers; zero-shot row and export in Ray tasks) with MLflow.
 - bare: one process, torch threads = num_workers x cpus_per_worker (2 here), model loaded once;
   per task the same tokenisation (`TokenizeBatch`), each optimizer step over num_workers micro-batches
   of batch_size rows (gradients averaged: the data-parallel gradient), torch AdamW, the hooks, then
   scoring a merged copy of the model (what the pipeline's evaluation task scores).
 
 Where the pipeline's time goes is measured without touching the pipeline: the benchmark wraps
-driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, evaluation/export Ray tasks,
+driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, the zero-shot/export Ray tasks,
 MLflow logging) and, inside the Ray Train workers and Ray tasks (wrappers shipped with the job),
-DeepSpeed init_distributed, model load, deepspeed.initialize, the wait for batches, after_task and
-the final report. Prints tables, then one JSON line (the last line).
+DeepSpeed init_distributed, each task's model load, deepspeed.initialize, the waits for batches,
+after_task, scoring and reports. A task's pipeline time is the driver's: from the previous task's
+results (the start of training for the first) to this task's. Prints tables, then one JSON line (the last line).
 """
 
 from __future__ import annotations
@@ -53,16 +55,21 @@ def _append(log_path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def make_timed_train_task(log_path: str):
-    """The pipeline's `train_task`, with phase timestamps written to `log_path` (one JSON line per rank)."""
+def make_timed_train_chain(log_path: str):
+    """The pipeline's `train_chain`, with timed calls written to `log_path` (one JSON line per rank):
+    [name, task index, start, seconds] for the model load, deepspeed.initialize, batch waits, after_task,
+    scoring and reports of every task, and the loop's entry and exit."""
 
-    def timed_train_task(loop_config):
+    def timed_train_chain(loop_config):
         import time
 
         import ray.train
 
+        import pipeline.scoring as scoring
         import pipeline.train_worker as tw
 
+        calls: list = []
+        current = {"task": None}
         marks = {"entry": time.time()}
 
         def timed(name, fn):
@@ -71,12 +78,10 @@ def make_timed_train_task(log_path: str):
                 try:
                     return fn(*args, **kwargs)
                 finally:
-                    marks[f"{name}_s"] = marks.get(f"{name}_s", 0.0) + time.time() - start
-                    marks.setdefault(f"{name}_start", start)
+                    calls.append([name, current["task"], start, time.time() - start])
             return inner
 
-        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report")}
-        original_shard = ray.train.get_dataset_shard
+        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report", "_score")}
 
         def init_deepspeed(use_gpu):
             deepspeed = timed("init_distributed", original["_init_deepspeed"])(use_gpu)
@@ -90,44 +95,51 @@ def make_timed_train_task(log_path: str):
             strategy.after_task = timed("after_task", strategy.after_task)
             return strategy
 
-        class Shard:  # counts the time the loop waits for batches (Ray Data streaming split)
-            def __init__(self, iterator):
-                self.iterator = iterator
+        planned = iter([entry["index"] for entry in loop_config["plan"]])
+
+        def load_model(*args, **kwargs):  # a task's first step: the loop loads a fresh model per task
+            current["task"] = next(planned)
+            return timed("model_load", original["load_model_and_tokenizer"])(*args, **kwargs)
+
+        class Shard:  # counts the time the loop waits for batches
+            def __init__(self, shard, index):
+                self.shard, self.index = shard, index
 
             def iter_torch_batches(self, **kwargs):
-                batches = iter(self.iterator.iter_torch_batches(**kwargs))
+                batches = iter(self.shard.iter_torch_batches(**kwargs))
                 while True:
                     start = time.time()
                     try:
                         batch = next(batches)
                     except StopIteration:
-                        marks["data_wait_s"] = marks.get("data_wait_s", 0.0) + time.time() - start
                         return
-                    waited = time.time() - start
-                    marks.setdefault("first_batch_wait_s", waited)
-                    marks["data_wait_s"] = marks.get("data_wait_s", 0.0) + waited
-                    marks["batches"] = marks.get("batches", 0) + 1
+                    finally:
+                        calls.append(["batch_wait", self.index, start, time.time() - start])
                     yield batch
 
+        rank = ray.train.get_context().get_world_rank()
+        for entry in loop_config["plan"]:
+            entry["shards"] = [Shard(shard, entry["index"]) for shard in entry["shards"]]
         tw._init_deepspeed = init_deepspeed
-        tw.load_model_and_tokenizer = timed("model_load", original["load_model_and_tokenizer"])
+        tw.load_model_and_tokenizer = load_model
         tw.make_strategy = make_strategy
         tw._report = timed("report", original["_report"])
-        ray.train.get_dataset_shard = lambda name: Shard(original_shard(name))
+        tw._score = timed("score", original["_score"])
+        load_trained = scoring.load_trained
+        scoring.load_trained = timed("score_model_load", load_trained)
         try:
-            tw.train_task(loop_config)  # the real worker loop
+            tw.train_chain(loop_config)  # the real worker loop
         finally:
             for name, fn in original.items():
                 setattr(tw, name, fn)
-            ray.train.get_dataset_shard = original_shard
+            scoring.load_trained = load_trained
             if "_restore" in marks:
                 deepspeed, initialize = marks.pop("_restore")
                 deepspeed.initialize = initialize
             marks["exit"] = time.time()
-            marks.update(rank=ray.train.get_context().get_world_rank(), task_index=loop_config["task_index"], pid=os.getpid())
-            _append(log_path, {"kind": "train_worker", **marks})
+            _append(log_path, {"kind": "train_worker", "rank": rank, "pid": os.getpid(), "calls": calls, **marks})
 
-    return timed_train_task
+    return timed_train_chain
 
 
 def make_timed_task(fn_name: str, call_id: int, log_path: str):
@@ -137,9 +149,10 @@ def make_timed_task(fn_name: str, call_id: int, log_path: str):
         import time
 
         import pipeline.chain as chain
+        import pipeline.scoring as scoring
 
         marks = {"entry": time.time()}
-        load = chain._load_trained
+        load = scoring.load_trained
 
         def timed_load(*a, **k):
             start = time.time()
@@ -148,11 +161,11 @@ def make_timed_task(fn_name: str, call_id: int, log_path: str):
             finally:
                 marks["model_load_s"] = time.time() - start
 
-        chain._load_trained = timed_load
+        chain.load_trained = scoring.load_trained = timed_load
         try:
             return getattr(chain, fn_name)(*args)
         finally:
-            chain._load_trained = load
+            chain.load_trained = scoring.load_trained = load
             marks.update(exit=time.time(), pid=os.getpid())
             _append(log_path, {"kind": "ray_task", "call_id": call_id, "fn": fn_name, **marks})
 
@@ -192,15 +205,10 @@ def run_pipeline(config, log_path: str) -> dict:
     import pipeline.tracking as tracking
 
     rec = Recorder(log_path)
-    saved = [(chain, "init_ray"), (chain, "_train"), (chain, "_remote"), (preprocess, "tokenized_dataset"), (train_worker, "train_task"),
+    saved = [(chain, "init_ray"), (chain, "_remote"), (preprocess, "tokenized_dataset"), (train_worker, "train_chain"),
              (TorchTrainer, "fit"), (tracking.ChainTracker, "log_task"), (tracking.ChainTracker, "start")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     originals = {name: fn for _, name, fn in saved}
-
-    def train(config, task_index, *args, **kwargs):
-        rec.task = task_index
-        return rec.wrap("train_call", originals["_train"])(config, task_index, *args, **kwargs)
-
     calls = iter(range(1_000_000))
 
     def remote(fn, config, cpus):
@@ -217,13 +225,16 @@ def run_pipeline(config, log_path: str) -> dict:
 
         return Submit()
 
+    def log_task(tracker, index, *args, **kwargs):
+        rec.task = index
+        return rec.wrap("mlflow_log_task", originals["log_task"])(tracker, index, *args, **kwargs)
+
     chain.init_ray = rec.wrap("ray_init", originals["init_ray"])
-    chain._train = train
     chain._remote = remote
     preprocess.tokenized_dataset = rec.wrap("ray_data", originals["tokenized_dataset"])
-    train_worker.train_task = make_timed_train_task(log_path)
+    train_worker.train_chain = make_timed_train_chain(log_path)
     TorchTrainer.fit = rec.wrap("fit", originals["fit"])
-    tracking.ChainTracker.log_task = rec.wrap("mlflow_log_task", originals["log_task"])
+    tracking.ChainTracker.log_task = log_task
     tracking.ChainTracker.start = rec.wrap("mlflow_start", originals["start"])
     try:
         start = time.time()
@@ -238,11 +249,12 @@ def run_pipeline(config, log_path: str) -> dict:
 
 
 def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
-    """Per-task and chain-level phases of the pipeline run, in seconds."""
+    """Per-task and chain-level phases of the pipeline run, in seconds (rank 0's view of the worker loop)."""
     logs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    workers = [r for r in logs if r["kind"] == "train_worker"]
+    workers = sorted((r for r in logs if r["kind"] == "train_worker"), key=lambda r: r["rank"])
     task_logs = {r["call_id"]: r for r in logs if r["kind"] == "ray_task"}
     events = run["events"]
+    zero = workers[0] if workers else {"calls": []}
 
     def spans(kind, task=None, **tags):
         return [e for e in events if e["kind"] == kind and (task is None or e["task"] == task) and all(e.get(k) == v for k, v in tags.items())]
@@ -255,58 +267,50 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
         return {"total_s": total, "start_up_s": inner["entry"] - event["start"], "model_load_s": inner.get("model_load_s", 0.0),
                 "work_s": inner["exit"] - inner["entry"] - inner.get("model_load_s", 0.0), "return_s": event["end"] - inner["exit"]}
 
+    def worker_calls(name, index):
+        return [c for c in zero["calls"] if c[0] == name and c[1] == index]
+
     per_task = []
     for index, name in enumerate(names):
-        train_call = spans("train_call", index)
-        if not train_call:
+        loads = worker_calls("model_load", index)
+        if not loads:
             continue
-        fit = spans("fit", index)[0]
-        data = spans("ray_data", index)[0]
-        mlflow = spans("mlflow_log_task", index)[:1]  # a second call logs the exported adapter (chain level)
-        evaluation = [e for e in spans("ray_task", index) if e["fn"] == "evaluate_state"]
-        ranks = sorted((w for w in workers if w["task_index"] == index), key=lambda w: w["rank"])
-        zero = ranks[0] if ranks else {}
-        fit_s = fit["end"] - fit["start"]
+        waits = worker_calls("batch_wait", index)
+        initialize, after, report, score = (worker_calls(n, index) for n in ("deepspeed_initialize", "after_task", "report", "score"))
+        task_start, task_end = loads[0][2], report[-1][2] + report[-1][3]
         phases = {
-            "ray_data_s": data["end"] - data["start"],
-            "fit_s": fit_s,
+            "model_load_s": sum(c[3] for c in loads),
+            "deepspeed_initialize_s": sum(c[3] for c in initialize),
+            # first batch -> after_task, batch waits included
+            "train_loop_s": after[0][2] - (initialize[-1][2] + initialize[-1][3]),
+            "first_batch_wait_s": waits[0][3] if waits else 0.0,
+            "data_wait_s": sum(c[3] for c in waits),
+            "after_task_s": sum(c[3] for c in after),
+            "score_s": sum(c[3] for c in score),
+            "score_model_load_s": sum(c[3] for c in worker_calls("score_model_load", index)),
+            "report_s": sum(c[3] for c in report),
+            "batches": len(waits) - 1,  # the last wait ends the iteration
+            "worker_task_s": task_end - task_start,
+            "mlflow_s": sum(e["end"] - e["start"] for e in spans("mlflow_log_task", index)[:1]),  # a second call logs the adapter
         }
-        if ranks:
-            first_entry, last_exit = min(w["entry"] for w in ranks), max(w["exit"] for w in ranks)
-            loop_s = (zero.get("after_task_start", zero["exit"]) - (zero.get("deepspeed_initialize_start", zero["entry"]) + zero.get("deepspeed_initialize_s", 0.0)))
-            phases |= {
-                "fit_start_up_s": first_entry - fit["start"],  # worker group, actors, process group
-                "init_distributed_s": zero.get("init_distributed_s", 0.0),
-                "model_load_s": zero.get("model_load_s", 0.0),
-                "deepspeed_initialize_s": zero.get("deepspeed_initialize_s", 0.0),
-                "train_loop_s": loop_s,
-                "first_batch_wait_s": zero.get("first_batch_wait_s", 0.0),
-                "data_wait_s": zero.get("data_wait_s", 0.0),
-                "after_task_s": zero.get("after_task_s", 0.0),
-                "report_s": zero.get("report_s", 0.0),
-                "fit_tear_down_s": fit["end"] - last_exit,  # checkpoint registration, worker group shutdown
-                "batches": zero.get("batches", 0),
-            }
-        if evaluation:
-            phases |= {f"eval_{k}": v for k, v in ray_task_phases(evaluation[-1]).items()}
-        phases["mlflow_s"] = sum(e["end"] - e["start"] for e in mlflow)
-        task_end = max([e["end"] for e in mlflow] or [evaluation[-1]["end"] if evaluation else fit["end"]])
-        phases["task_s"] = task_end - train_call[0]["start"]
-        phases["other_s"] = phases["task_s"] - phases["ray_data_s"] - fit_s - phases.get("eval_total_s", 0.0) - phases["mlflow_s"]
         per_task.append({"task": name, **phases})
 
-    zero_shot = [e for e in spans("ray_task") if e["fn"] == "evaluate_state" and e["task"] is None]
+    fit = spans("fit")
+    zero_shot = [e for e in spans("ray_task") if e["fn"] == "evaluate_state"]
     export = [e for e in spans("ray_task") if e["fn"] == "export_state"]
+    first_load = min((c[2] for c in zero["calls"] if c[0] == "model_load"), default=math.nan)
     chain_level = {
         "ray_init_s": sum(e["end"] - e["start"] for e in spans("ray_init")),
         "mlflow_start_s": sum(e["end"] - e["start"] for e in spans("mlflow_start")),
-        "mlflow_adapter_s": sum(e["end"] - e["start"] for e in events if e["kind"] == "mlflow_log_task"
-                                and sum(x["kind"] == "mlflow_log_task" and x["task"] == e["task"] and x["start"] < e["start"] for x in events)),
+        "ray_data_s": sum(e["end"] - e["start"] for e in spans("ray_data")),
+        "fit_s": sum(e["end"] - e["start"] for e in fit),
+        "fit_start_up_s": (min(w["entry"] for w in workers) - fit[0]["start"]) if workers and fit else 0.0,  # controller, worker actors, imports
+        "init_distributed_s": sum(c[3] for c in zero["calls"] if c[0] == "init_distributed"),
+        "fit_tear_down_s": (fit[-1]["end"] - max(w["exit"] for w in workers)) if workers and fit else 0.0,
+        "worker_entry_to_first_task_s": first_load - zero.get("entry", first_load),
         **{f"zero_shot_{k}": v for k, v in (ray_task_phases(zero_shot[0]) if zero_shot else {}).items()},
         **{f"export_{k}": v for k, v in (ray_task_phases(export[0]) if export else {}).items()},
     }
-    chain_level["other_s"] = (run["end"] - run["start"]) - sum(t["task_s"] for t in per_task) - chain_level["ray_init_s"] \
-        - chain_level["mlflow_start_s"] - chain_level["mlflow_adapter_s"] - chain_level.get("zero_shot_total_s", 0.0) - chain_level.get("export_total_s", 0.0)
     return {"per_task": per_task, "chain": chain_level}
 
 
@@ -463,7 +467,8 @@ def main() -> None:
     manifest = pipeline_run["manifest"]
     per_task = []
     for p, b, record in zip(breakdown["per_task"], bare["per_task"], manifest["tasks"]):
-        per_task.append({"task": p["task"], "pipeline_s": round(p["task_s"], 2), "bare_s": round(b["task_s"], 2),
+        # the driver's view: from the previous task's results (or the start of training) to this task's
+        per_task.append({"task": p["task"], "pipeline_s": round(record["seconds"]["task"], 2), "bare_s": round(b["task_s"], 2),
                          "steps": b["steps"], "pipeline_micro_batches": len(record["losses"]), "bare_micro_batches": b["micro_batches"],
                          "planned_steps": steps_per_task(config, tasks[len(per_task)]),
                          "pipeline": {k: round(v, 2) if isinstance(v, float) else v for k, v in p.items() if k != "task"},
@@ -471,35 +476,33 @@ def main() -> None:
 
     print(f"\n{config.model.name} ({config.model.dtype}), {config.strategy.name}, {len(tasks)} tasks, "
           f"ZeRO-{config.deepspeed.zero_stage}, batch {config.training.batch_size} x {config.scaling.num_workers} workers per step")
-    print(f"pipeline: Ray Train {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPU (1 torch thread each), "
-          f"evaluation in Ray tasks; bare: 1 process, {threads} torch threads. Same machine, same run, one after the other.")
-    _table("per task (s): pipeline vs bare", ["task", "steps", "pipeline", "bare", "ratio", "p.train", "b.train", "p.eval", "b.eval"],
+    print(f"pipeline: Ray Train {config.scaling.num_workers} workers x {config.scaling.cpus_per_worker:g} CPU, one worker group for "
+          f"the chain, scoring sharded over the workers; bare: 1 process, {threads} torch threads. Same machine, same run, one after the other.")
+    _table("per task (s): pipeline vs bare", ["task", "steps", "pipeline", "bare", "ratio", "p.loop", "b.train", "p.score", "b.eval"],
            [[t["task"], t["steps"], t["pipeline_s"], t["bare_s"], f"{t['pipeline_s'] / t['bare_s']:.2f}",
-             t["pipeline"].get("train_loop_s", math.nan), t["bare"]["train_s"], t["pipeline"].get("eval_total_s", math.nan), t["bare"]["eval_s"]]
+             t["pipeline"].get("train_loop_s", math.nan), t["bare"]["train_s"], t["pipeline"].get("score_s", math.nan), t["bare"]["eval_s"]]
             for t in per_task])
-    _table("pipeline: where each task's time goes (s)",
-           ["task", "ray data", "fit start", "init dist", "model load", "ds init", "loop", "(data wait)", "after_task", "report",
-            "fit end", "eval start", "eval load", "eval score", "mlflow", "other"],
-           [[t["task"], *(t["pipeline"].get(k, math.nan) for k in (
-               "ray_data_s", "fit_start_up_s", "init_distributed_s", "model_load_s", "deepspeed_initialize_s", "train_loop_s", "data_wait_s",
-               "after_task_s", "report_s", "fit_tear_down_s", "eval_start_up_s", "eval_model_load_s", "eval_work_s", "mlflow_s", "other_s"))]
-            for t in per_task])
+    columns = ("model_load_s", "deepspeed_initialize_s", "train_loop_s", "data_wait_s", "after_task_s", "score_model_load_s", "score_s",
+               "report_s", "mlflow_s")
+    _table("pipeline: where each task's time goes in the worker loop (rank 0) and the driver (s)",
+           ["task", "model load", "ds init", "loop", "(data wait)", "after_task", "(score load)", "score", "report", "mlflow"],
+           [[t["task"], *(t["pipeline"].get(k, math.nan) for k in columns)] for t in per_task])
     chain_level = {k: round(v, 2) for k, v in breakdown["chain"].items()}
     print("\nchain level (s): " + ", ".join(f"{k} {v}" for k, v in chain_level.items()))
     print(f"bare chain level (s): model_load {bare['model_load_s']:.1f}, zero_shot {bare['zero_shot_s']:.1f}, export {bare['export_s']:.1f}")
-    fixed = {  # the pipeline's per-task costs a single process does not pay, summed over the chain
-        "fit_start_up_s": sum(t["pipeline"].get("fit_start_up_s", 0) for t in per_task),
-        "fit_tear_down_s": sum(t["pipeline"].get("fit_tear_down_s", 0) for t in per_task),
-        "ray_data_s": sum(t["pipeline"].get("ray_data_s", 0) for t in per_task),
+    fixed = {  # the pipeline's costs a single process does not pay, over the chain
+        "fit_start_up_s": chain_level.get("fit_start_up_s", 0),
+        "fit_tear_down_s": chain_level.get("fit_tear_down_s", 0),
+        "ray_data_s": chain_level.get("ray_data_s", 0),
         "worker_model_load_s": sum(t["pipeline"].get("model_load_s", 0) for t in per_task),
-        "init_distributed_s": sum(t["pipeline"].get("init_distributed_s", 0) for t in per_task),
+        "init_distributed_s": chain_level.get("init_distributed_s", 0),
         "deepspeed_initialize_s": sum(t["pipeline"].get("deepspeed_initialize_s", 0) for t in per_task),
-        "eval_task_start_up_s": sum(t["pipeline"].get("eval_start_up_s", 0) for t in per_task) + chain_level.get("zero_shot_start_up_s", 0),
-        "eval_model_load_s": sum(t["pipeline"].get("eval_model_load_s", 0) for t in per_task) + chain_level.get("zero_shot_model_load_s", 0),
+        "eval_task_start_up_s": chain_level.get("zero_shot_start_up_s", 0),
+        "eval_model_load_s": sum(t["pipeline"].get("score_model_load_s", 0) for t in per_task) + chain_level.get("zero_shot_model_load_s", 0),
         "mlflow_s": sum(t["pipeline"].get("mlflow_s", 0) for t in per_task) + chain_level.get("mlflow_start_s", 0),
         "ray_init_s": chain_level.get("ray_init_s", 0),
     }
-    fixed["first_batch_wait_s"] = sum(t["pipeline"].get("first_batch_wait_s", 0) for t in per_task)  # Ray Data split start-up
+    fixed["first_batch_wait_s"] = sum(t["pipeline"].get("first_batch_wait_s", 0) for t in per_task)
     fixed = {k: round(v, 1) for k, v in sorted(fixed.items(), key=lambda kv: -kv[1])}
     fixed_total = sum(fixed.values())
     print("pipeline fixed costs over the chain (s), largest first: " + ", ".join(f"{k} {v}" for k, v in fixed.items()))

@@ -1,9 +1,12 @@
-"""The chain driver: for each task, preprocess (Ray Data), train (Ray Train + DeepSpeed), evaluate, record.
+"""The chain driver: preprocess every task (Ray Data), train them in order (Ray Train + DeepSpeed) with each
+task scored on every task seen so far, and record each task as it ends (manifest, MLflow).
 
-One Ray cluster serves the whole chain. The driver holds no model: training runs in Ray Train
-workers, evaluation and export in Ray tasks that load the model where the resources are (a GPU
-node on a cluster). Progress is in the run folder's manifest, so a re-submitted chain (same
-run_name) skips finished tasks and continues from the last checkpoint.
+One Ray cluster and one Ray Train worker group serve the whole chain: the workers train a task, score
+it (sharded over the ranks) and report its checkpoint with the scores, then go on to the next task,
+while the driver records the results as they arrive. The driver holds no model; the zero-shot row and
+the export run in Ray tasks that load the model where the resources are (a GPU node on a cluster).
+Progress is in the run folder's manifest, so a re-submitted chain (same run_name) skips finished
+tasks and continues from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -24,9 +26,9 @@ from rich.console import Console
 from pipeline.config import RunConfig
 from pipeline.manifest import Manifest, TaskRecord
 from pipeline.streams import Task, check_answers_tokenize, load_stream
+from pipeline.scoring import load_trained, model_to_score, score_tasks
 from procl import make_strategy, metrics
-from procl.atomic import atomic_directory
-from procl.checkpoint import META_FILE, TENSORS_FILE, load_strategy_state, sha256_file
+from procl.checkpoint import META_FILE, TENSORS_FILE, read_state, sha256_file
 
 console = Console()
 MAX_WORKER_FAILURES = 2  # Ray Train restarts of a task's worker group (from its last in-task checkpoint)
@@ -48,54 +50,20 @@ class ChainResult:
 # -- work that runs in Ray tasks (it needs the model) ----------------------------------------------
 
 
-def _load_trained(config: RunConfig, state_dir: str | None):
-    """(model, tokenizer, strategy) at a checkpoint, or the base model for the zero-shot row."""
-    from pipeline.models import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(config.model)
-    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
-    if state_dir is not None:
-        model = strategy.build(model)
-        load_strategy_state(strategy, model, state_dir)
-    return model, tokenizer, strategy
-
-
 def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], threads: int) -> dict[str, dict[str, float]]:
-    """{split: {task: score}} on the validation and test splits of `tasks`."""
+    """{split: {task: score}} on the validation and test splits of `tasks`, at a state folder (None: the base model)."""
     import torch
 
     torch.set_num_threads(threads)
     config = RunConfig.model_validate(config_data)
-    model, tokenizer, strategy = _load_trained(config, state_dir)
-    if state_dir is not None and config.exports_plain_lora():
-        model = model.merge_and_unload()  # a plain LoRA: evaluate exactly what inference will run
+    model, tokenizer = model_to_score(config, read_state(state_dir) if state_dir is not None else None)
     return score_tasks(model, tokenizer, tasks, config)
 
 
-def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[str, dict[str, float]]:
-    """{split: {task: score}} on the validation and test splits of `tasks`."""
-    import torch
-
-    from pipeline.evaluation import answered_correctly
-
-    scores: dict[str, dict[str, float]] = {"validation": {}, "test": {}}
-    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.scores_in_bf16()):
-        for task in tasks:
-            # both splits in one call: their prompts are batched by length together (less padding)
-            correct = answered_correctly(
-                model, tokenizer, [p for split in scores for p in task.prompts(split)],
-                [t for split in scores for t in task.targets(split)], task.metric,
-                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
-            )
-            for split in scores:
-                split_correct, correct = correct[: len(task.splits[split])], correct[len(task.splits[split]) :]
-                scores[split][task.name] = sum(split_correct) / len(split_correct)
-    return scores
-
-
 def export_state(config_data: dict, state_dir: str, out_dir: str) -> str:
+    """Write a state folder's consolidated adapter as a plain peft LoRA adapter; returns its folder."""
     config = RunConfig.model_validate(config_data)
-    model, _, strategy = _load_trained(config, state_dir)
+    model, _, strategy = load_trained(config, read_state(state_dir))
     return str(strategy.export(model, out_dir))
 
 
@@ -143,28 +111,53 @@ def _tokenizer_factory(config: RunConfig):
     return partial(load_tokenizer, config.model)
 
 
-def _train(config: RunConfig, task_index: int, task: Task, examples: list, previous_state: Path | None):
-    """One Ray Train fit() for one task; returns the final checkpoint's folder."""
+def _task_datasets(config: RunConfig, examples: list) -> list:
+    """A task's tokenized training rows (Ray Data), split into one equal shard per training worker."""
+    from pipeline.preprocess import tokenized_dataset
+
+    dataset = tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
+    return dataset.split(config.scaling.num_workers, equal=True)
+
+
+def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None) -> Iterator[dict]:
+    """Train the planned (task index, training examples) in order in one Ray Train fit(); yields each task's
+    results (`pipeline.task_results.TaskResults`) as soon as its worker group reports them."""
+    import threading
+    import uuid
+    from queue import Empty
+
+    import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipeline.preprocess import tokenized_dataset
-    from pipeline.train_worker import train_task
+    from pipeline.task_results import TaskResults
+    from pipeline.train_worker import train_chain
 
     # per-task datasets are small: Ray Data's progress bars would drown the chain's own progress lines
     # (set here, not in init_ray, which a Tune trial's chain skips: Ray is already up there)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
+    entries = [{
+        "index": index,
+        "label": f"task {index + 1}/{len(tasks)} {tasks[index].name}",
+        "examples": examples,
+        "steps": steps_per_task(config, tasks[index]),
+        "shards": _task_datasets(config, examples),
+        "seen": tasks[: index + 1],
+    } for index, examples in plan]
+    # on the driver's node, as Ray Train's controller is: a worker node may be lost mid-chain (and inside a Tune
+    # trial the default would place it in the trial's placement group)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
-        train_task,
+        train_chain,
         train_loop_config={
             "config": config.model_dump(mode="json"),
-            "task_index": task_index,
+            "plan": entries,
             "previous_state": str(previous_state) if previous_state else None,
-            "examples": examples,
-            "total_steps": steps_per_task(config, task),
-            "task_label": f"task {task_index + 1} ({task.name})",
+            "fit_id": uuid.uuid4().hex,
         },
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -172,21 +165,56 @@ def _train(config: RunConfig, task_index: int, task: Task, examples: list, previ
             resources_per_worker=config.scaling.worker_resources(),
         ),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
-        datasets={"train": dataset},
         run_config=TrainRunConfig(
-            name=f"task_{task_index}",
+            name="chain",
             storage_path=str(config.run_dir() / "ray"),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[TaskResults(config.run_dir() / "checkpoints", queue)],
         ),
     )
-    try:
-        result = trainer.fit()
-    except TrainingFailedError as error:  # one line for the CLI; the workers' tracebacks are in Ray's log
-        raise RuntimeError(f"task {task.name}: training failed (after {MAX_WORKER_FAILURES} restarts): {_root_cause(error)}") from error
-    if result.checkpoint is None:
-        raise RuntimeError(f"task {task.name}: training ended without a checkpoint ({result.error})")
-    return result.checkpoint
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as error:  # re-raised in the driver's thread below
+            outcome["error"] = error
+
+    # fit() blocks until the last task; it runs beside the driver, which records each task as it ends.
+    # A daemon thread: a driver that fails (or is interrupted) exits without waiting for the training.
+    fitting = threading.Thread(target=fit, name="chain-fit", daemon=True)
+    fitting.start()
+    received = 0
+    while fitting.is_alive() or not queue.empty():
+        try:
+            results = queue.get(timeout=0.5)
+        except Empty:
+            continue
+        received += 1
+        yield results
+    failed = tasks[plan[min(received, len(plan) - 1)][0]].name
+    if isinstance(outcome.get("error"), TrainingFailedError):  # one line for the CLI; the workers' tracebacks are in Ray's log
+        raise RuntimeError(f"task {failed}: training failed (after {MAX_WORKER_FAILURES} restarts): "
+                           f"{_root_cause(outcome['error'])}") from outcome["error"]
+    if "error" in outcome:
+        raise outcome["error"]
+    if received < len(plan):
+        raise RuntimeError(f"task {failed}: training ended without reporting the task's end ({outcome['result'].error})")
+
+
+def _training_plan(config: RunConfig, tasks: list[Task], pending: list[int], previous: Path | None) -> list[tuple[int, list]]:
+    """(task index, training examples) of each pending task: replay and multitask mix in earlier tasks' examples,
+    which depend on the data alone, so every task's examples are known before training starts."""
+    data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    if previous is not None:
+        data_strategy.load_data_state(json.loads((previous / META_FILE).read_text()))
+    plan = []
+    for index in pending:
+        examples = data_strategy.training_examples(index, [list(pair) for pair in tasks[index].training_texts()])
+        data_strategy.remember(index, examples)
+        plan.append((index, examples))
+    return plan
 
 
 def _root_cause(error: Exception) -> str:
@@ -266,42 +294,37 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
             manifest.zero_shot = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
             manifest.zero_shot_seconds = time.monotonic() - started
             manifest.save(run_dir)
-        data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
-        for index, task in enumerate(tasks):
+        for index in range(len(tasks)):
             if manifest.is_done(index):
                 record = manifest.task(index)
                 if record.mlflow_run_id is None:  # the driver stopped between recording the task and logging it
                     record.mlflow_run_id = _log_task(tracker, manifest, record, config)
                     manifest.save(run_dir)
-                console.print(f"[dim]task {index + 1}/{len(tasks)} {task.name}: finished earlier, skipped[/]")
+                console.print(f"[dim]task {index + 1}/{len(tasks)} {tasks[index].name}: finished earlier, skipped[/]")
                 if on_task_done:
                     on_task_done(record, manifest)
-                continue
-            started = time.monotonic()
+        pending = [index for index in range(len(tasks)) if not manifest.is_done(index)]
+        if pending:
+            console.print(f"[bold]training[/] tasks {pending[0] + 1}..{len(tasks)} in one worker group of {config.scaling.num_workers}")
             previous = manifest.last_state()
-            if previous is not None:
-                data_strategy.load_data_state(json.loads((previous / META_FILE).read_text()))
-            examples = data_strategy.training_examples(index, [list(pair) for pair in task.training_texts()])
-            console.print(f"[bold]task {index + 1}/{len(tasks)} {task.name}[/]: {len(examples)} training examples, "
-                          f"{steps_per_task(config, task)} steps on {config.scaling.num_workers} workers")
-            checkpoint = _train(config, index, task, examples, previous)
-            state_dir = run_dir / "checkpoints" / f"task_{index}"
-            with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
-                shutil.copytree(Path(folder) / "state", staging, dirs_exist_ok=True)
-                losses = json.loads((Path(folder) / "progress.json").read_text())["losses"]
-            trained = time.monotonic()
-            scores = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, str(state_dir), tasks[: index + 1], threads))
-            evaluated = time.monotonic()
-            seconds = {"train": trained - started, "evaluate": evaluated - trained, "task": evaluated - started}
-            record = TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"], scores["validation"],
-                                losses, seconds=seconds)
-            manifest.record(record)
-            manifest.save(run_dir)
-            record.mlflow_run_id = _log_task(tracker, manifest, record, config)
-            manifest.save(run_dir)
-            console.print(f"  test {_format(scores['test'])}  (train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
-            if on_task_done:
-                on_task_done(record, manifest)
+            last_end = time.monotonic()
+            for results in _train_tasks(config, tasks, _training_plan(config, tasks, pending, previous), previous):
+                seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
+                last_end = time.monotonic()
+                seconds["train"] = seconds["task"] - seconds["evaluate"]  # with start-up and data: all but scoring
+                state_dir = Path(results["state_dir"])
+                scores = results["scores"]
+                record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
+                                    scores["test"], scores["validation"], results["losses"], seconds=seconds,
+                                    resumed_at=results["resumed_at"])
+                manifest.record(record)
+                manifest.save(run_dir)
+                record.mlflow_run_id = _log_task(tracker, manifest, record, config)
+                manifest.save(run_dir)
+                console.print(f"task {record.index + 1}/{len(tasks)} {record.name}: test {_format(scores['test'])}  "
+                              f"(train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
+                if on_task_done:
+                    on_task_done(record, manifest)
 
         if manifest.adapter_dir is None and not config.exports_plain_lora():
             console.print("no adapter export: procl.reference_mlp keeps an MLP in the model at inference; "

@@ -26,6 +26,9 @@ console = Console()
 # bf16 autocast 1.6x faster, benchmarks/eval_precision.py).
 SECONDS_PER_TRAIN_TOKEN = {"float32": 4.4 / 1024, "bfloat16": 3.4 / 1024}
 SECONDS_PER_EVAL_TOKEN = {"float32": 1.8 / 1024, "bfloat16": 1.8 / 1024 / 1.6}
+# Fixed costs on the same machine: the chain's worker group starting (once), and each task's model load,
+# DeepSpeed engine and scoring model (benchmarks/pipeline_overhead.py)
+CHAIN_START_UP_S, TASK_START_UP_S = 20.0, 5.0
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +88,7 @@ def plan(config: RunConfig) -> dict:
         "resources_per_worker": config.scaling.worker_resources(),
         "zero_stage": config.deepspeed.zero_stage,
         "tasks": rows,
-        "estimated_minutes_cpu": round((zero_shot + sum(r["train_s"] + r["eval_s"] for r in rows)) / 60 + len(rows) * 0.5, 1),
+        "estimated_minutes_cpu": round((CHAIN_START_UP_S + zero_shot + sum(TASK_START_UP_S + r["train_s"] + r["eval_s"] for r in rows)) / 60, 1),
     }
 
 
@@ -99,7 +102,8 @@ def _print_plan(summary: dict) -> None:
     console.print(table)
     console.print(f"workers: {summary['workers']} x {summary['resources_per_worker']}, ZeRO stage {summary['zero_stage']}; "
                   f"run folder {summary['run_dir']}")
-    console.print(f"estimated time on a 2-core CPU (rough, including ~30 s Ray Train start-up per task): "
+    console.print(f"estimated time on a 2-core CPU (rough, including ~{CHAIN_START_UP_S:.0f} s of Ray Train start-up and "
+                  f"~{TASK_START_UP_S:.0f} s per task of model and engine set-up): "
                   f"{summary['estimated_minutes_cpu']} min")
 
 

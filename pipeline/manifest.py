@@ -33,8 +33,11 @@ class TaskRecord:
     validation: dict[str, float]
     losses: list[float]
     mlflow_run_id: str | None = None
-    # wall seconds of the task's phases: "train" (Ray Data + fit), "evaluate" (scoring seen tasks), "task" (all)
+    # wall seconds of the task's phases: "task" (since the previous task's end, or training's start for the
+    # first task the driver trained), "evaluate" (scoring the tasks seen so far), "train" (the rest)
     seconds: dict[str, float] = field(default_factory=dict)
+    # optimizer steps at which training resumed after a failure (from an in-task checkpoint)
+    resumed_at: list[int] = field(default_factory=list)
 
 
 @dataclass

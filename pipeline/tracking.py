@@ -174,8 +174,9 @@ def _redact_uri(uri: str) -> str:
 
 
 def _cause(exc: BaseException) -> str:
-    """First line of the error, without any user:password@ that MLflow's own messages repeat."""
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    """First line of the error, without any user:password@ that MLflow's own messages repeat (and without
+    SQLAlchemy's autoflush note, which comes before the database's own error, e.g. "disk is full")."""
+    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("(raised as a result of")]
     first = re.sub(r"//[^/@\s]+@", "//***@", lines[0][:300]) if lines else ""
     return f"{type(exc).__name__}: {first}"
 

@@ -1,14 +1,18 @@
-"""The Ray Train worker loop for one task of the chain: DeepSpeed ZeRO training through the strategy hooks.
+"""The Ray Train worker loop of the chain: task after task, DeepSpeed ZeRO training through the strategy
+hooks, then scoring of every task seen so far, in one worker group for the whole chain.
 
 Reads top to bottom like Ray's DeepSpeed fine-tuning example. The same code runs on this CPU
-machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` differs.
+machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` differs. One worker
+group trains every task (a new one per task cost ~12 s of process start-up and imports each time,
+benchmarks/pipeline_overhead.py); each task gets a fresh model, strategy and DeepSpeed engine.
 
 Checkpoints (`ray.train.report`) hold `state/` (procl.checkpoint: adapter + strategy state,
-safetensors + JSON) and `progress.json` (optimizer steps done, training losses, and the steps at
+safetensors + JSON) and `progress.json` (the task, optimizer steps done, training losses, the steps at
 which the task resumed after failures); in-task ones also hold `optimizer/`, each rank's AdamW
-moments of its ZeRO partition (Ray merges the ranks' files into one checkpoint folder). A worker
-failure restarts the group from the last one (`FailureConfig`) with weights, strategy state and
-optimizer moments as they were; the task's end is always one.
+moments of its ZeRO partition (Ray merges the ranks' files into one checkpoint folder), and each task
+ends with one that also holds `result.json` (its scores and timings). A worker failure restarts the
+group from the last one (`FailureConfig`) with weights, strategy state and optimizer moments as they
+were, skipping the tasks already reported.
 """
 
 from __future__ import annotations
@@ -27,16 +31,15 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import RunConfig
 from pipeline.models import load_model_and_tokenizer
 from pipeline.preprocess import trim_padding
+from pipeline.scoring import count_correct, model_to_score, scores_from_counts
+from pipeline.task_results import OPTIMIZER, PROGRESS, RESULT, STATE
 from procl import make_strategy
-from procl.checkpoint import load_strategy_state, sha256_file, write_state
+from procl.checkpoint import read_state, sha256_file, write_state
 
 # Progress goes through logging, not print: Ray Train's workers turn print() into a log record *and* a
 # print, so every progress line reached the driver's console twice.
 console = logging.getLogger(__name__)
 
-STATE = "state"
-PROGRESS = "progress.json"
-OPTIMIZER = "optimizer"
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
@@ -126,20 +129,22 @@ def load_optimizer_state(engine, state: dict[int, dict[str, torch.Tensor]]) -> N
                                    for name, value in entry.items()}
 
 
-def _report(strategy, model, progress: dict[str, Any], metrics: dict[str, float], engine=None) -> None:
-    """Every rank reports (Ray needs the same number of calls); rank 0 writes the state and progress, and
-    with `engine` (in-task checkpoints) every rank adds its optimizer partition."""
+def _report(state: tuple[dict, dict], progress: dict[str, Any], metrics: dict[str, float], engine=None,
+            result: dict[str, Any] | None = None) -> None:
+    """Every rank reports (Ray needs the same number of calls); rank 0 writes the state, progress and the
+    task's `result`, and with `engine` (in-task checkpoints) every rank adds its optimizer partition."""
     import ray.train
 
-    tensors, meta = strategy.state(model)  # collective under ZeRO-3: all ranks
     rank = ray.train.get_context().get_world_rank()
     if rank != 0 and engine is None:
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as folder:
         if rank == 0:
-            write_state(Path(folder) / STATE, tensors, meta)
+            write_state(Path(folder) / STATE, *state)
             Path(folder, PROGRESS).write_text(json.dumps(progress))
+            if result is not None:
+                Path(folder, RESULT).write_text(json.dumps(result))
         if engine is not None:
             save_optimizer_state(engine, Path(folder), rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -161,75 +166,127 @@ class _ProgressLine:
         console.info(f"[{self.label}] step {step}/{self.total} loss {loss:.4f} eta {eta:.0f}s")
 
 
-def train_task(loop_config: dict[str, Any]) -> None:
-    """Train task `task_index` starting from `previous_state` (None for the first task)."""
+def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int):
+    """Where this (re)started worker group picks up: (position in `plan`, state, progress, optimizer state).
+
+    A checkpoint of this fit is trusted whole: after a task's end the next task starts, mid-task the task
+    resumes. One of an earlier fit of the chain (a driver killed and the chain re-submitted) is used only
+    mid-way through the first planned task: a task that earlier fit finished never reached the driver,
+    so it is trained again. (0, None, None, None) means: start the plan from its `previous_state`.
+    """
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, None, None, None
+    with checkpoint.as_directory() as folder:
+        progress = json.loads(Path(folder, PROGRESS).read_text())
+        indices = [entry["index"] for entry in plan]
+        position = indices.index(progress["task_index"]) if progress["task_index"] in indices else None
+        same_fit = progress["fit_id"] == fit_id
+        if position is None or not (same_fit or (position == 0 and not progress["task_done"])):
+            return 0, None, None, None
+        state = read_state(Path(folder) / STATE)
+        if progress["task_done"]:
+            return position + 1, state, None, None
+        return position, state, progress, read_optimizer_state(Path(folder), rank)
+
+
+def train_chain(loop_config: dict[str, Any]) -> None:
+    """Train the planned tasks in order, each from the state the previous one ended with; after each, score
+    every task seen so far (sharded over the ranks) and report the task's checkpoint with its scores."""
     import ray.train
 
     config = RunConfig.model_validate(loop_config["config"])
-    task_index: int = loop_config["task_index"]
     deepspeed = _init_deepspeed(config.scaling.use_gpu)
-    torch.manual_seed(config.training.seed + task_index)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    plan: list[dict[str, Any]] = loop_config["plan"]
+    previous = loop_config["previous_state"]
+    position, state, progress, optimizer_state = _resume_point(plan, loop_config["fit_id"], rank)
+    if position == 0 and progress is None:
+        state = read_state(previous) if previous is not None else None
 
-    # Model and strategy state: a restart after a worker failure resumes mid-task.
-    model, _ = load_model_and_tokenizer(config.model)
-    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
-    model = strategy.build(model)
-    progress: dict[str, Any] = {"steps": 0, "losses": []}
-    optimizer_state = None
-    rank = ray.train.get_context().get_world_rank()
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as folder:
-            load_strategy_state(strategy, model, Path(folder) / STATE)
-            progress = json.loads(Path(folder, PROGRESS).read_text())
-            optimizer_state = read_optimizer_state(Path(folder), rank)
-        progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
-        if rank == 0:
-            moments = "with" if optimizer_state is not None else "without (none in the checkpoint)"
-            console.info(f"[{loop_config['task_label']}] restarted after a failure: resuming at step {progress['steps']} "
-                         f"{moments} the optimizer's moments")
-    else:
-        if loop_config["previous_state"] is not None:
-            load_strategy_state(strategy, model, loop_config["previous_state"])
-        strategy.before_task(model, task_index)
+    for entry in plan[position:]:
+        task_index, label = entry["index"], entry["label"]
+        started = time.monotonic()
+        torch.manual_seed(config.training.seed + task_index)
 
-    # DeepSpeed engine over the strategy's parameter groups (ProCL routers get their own lr).
-    optimizer = torch.optim.AdamW(
-        strategy.param_groups(model, config.training.lr), lr=config.training.lr, weight_decay=config.training.weight_decay
-    )
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
-    if optimizer_state is not None:
-        load_optimizer_state(engine, optimizer_state)
-    engine.train()
+        # Model and strategy state: a restart after a worker failure resumes mid-task.
+        model, _ = load_model_and_tokenizer(config.model)
+        strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+        model = strategy.build(model)
+        if state is not None:
+            strategy.restore_state(model, *state)
+        if progress is not None:
+            progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
+            if rank == 0:
+                moments = "with" if optimizer_state is not None else "without (none in the checkpoint)"
+                console.info(f"[{label}] restarted after a failure: resuming at step {progress['steps']} "
+                             f"{moments} the optimizer's moments")
+        else:
+            strategy.before_task(model, task_index)
+            progress = {"fit_id": loop_config["fit_id"], "task_index": task_index, "task_done": False, "steps": 0, "losses": []}
+            if rank == 0:
+                console.info(f"[{label}] {len(entry['examples'])} training examples, {entry['steps']} steps on {world_size} workers")
 
-    # Training: micro-batches from this worker's shard; hooks after each optimizer step.
-    shard = ray.train.get_dataset_shard("train")
-    progress_line = _ProgressLine(loop_config["task_label"], loop_config["total_steps"], rank == 0)
-    accumulation = config.training.gradient_accumulation
-    micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
-    micro_step = 0
-    for _ in range(config.training.epochs):
-        batches = shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=trim_padding, device=engine.device)
-        for batch in batches:
-            micro_step += 1
-            if micro_step <= micro_steps_done:
-                continue
-            loss = engine(**batch).loss
-            extra = strategy.extra_loss(model)
-            engine.backward(loss if extra is None else loss + extra)
-            engine.step()
-            progress["losses"].append(loss.item())
-            if micro_step % accumulation:
-                continue
-            strategy.after_optimizer_step(model, engine)
-            progress["steps"] += 1
-            progress_line.update(progress["steps"], loss.item())
-            every = config.training.checkpoint_every
-            if every and progress["steps"] % every == 0:
-                _report(strategy, model, progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()}, engine)
+        # DeepSpeed engine over the strategy's parameter groups (ProCL routers get their own lr).
+        optimizer = torch.optim.AdamW(
+            strategy.param_groups(model, config.training.lr), lr=config.training.lr, weight_decay=config.training.weight_decay
+        )
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+        if optimizer_state is not None:
+            load_optimizer_state(engine, optimizer_state)
+        engine.train()
 
-    # Task end: fold/consolidate, then the checkpoint the next task starts from.
-    strategy.after_task(model, task_index, loop_config["examples"], engine)
-    final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"), "task_done": 1}
-    _report(strategy, model, progress, final)
-    engine.destroy()
+        # Training: micro-batches from this worker's shard of the task; hooks after each optimizer step.
+        progress_line = _ProgressLine(label, entry["steps"], rank == 0)
+        accumulation = config.training.gradient_accumulation
+        micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
+        micro_step = 0
+        for _ in range(config.training.epochs):
+            batches = entry["shards"][rank].iter_torch_batches(batch_size=config.training.batch_size, collate_fn=trim_padding,
+                                                               device=engine.device)
+            for batch in batches:
+                micro_step += 1
+                if micro_step <= micro_steps_done:
+                    continue
+                loss = engine(**batch).loss
+                extra = strategy.extra_loss(model)
+                engine.backward(loss if extra is None else loss + extra)
+                engine.step()
+                progress["losses"].append(loss.item())
+                if micro_step % accumulation:
+                    continue
+                strategy.after_optimizer_step(model, engine)
+                progress["steps"] += 1
+                progress_line.update(progress["steps"], loss.item())
+                every = config.training.checkpoint_every
+                if every and progress["steps"] % every == 0:
+                    _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()}, engine)
+
+        # Task end: fold/consolidate; the model is then scored on every task seen so far.
+        strategy.after_task(model, task_index, entry["examples"], engine)
+        state = strategy.state(model)  # collective under ZeRO-3: all ranks
+        engine.destroy()
+        del engine, model, optimizer
+        trained = time.monotonic()
+        scores = _score(config, state, entry["seen"], rank, world_size)
+        progress["task_done"] = True
+        final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"),
+                 "task_done": 1}
+        seconds = {"train": trained - started, "evaluate": time.monotonic() - trained}
+        _report(state, progress, final, result={"scores": scores, "seconds": seconds})
+        progress, optimizer_state = None, None
+
+
+def _score(config: RunConfig, state: tuple[dict, dict], tasks: list, rank: int, world_size: int) -> dict[str, dict[str, float]]:
+    """{split: {task: score}}: each rank scores every `world_size`-th example of each split, the counts are summed."""
+    import torch.distributed as dist
+
+    model, tokenizer = model_to_score(config, state)
+    counts = count_correct(model, tokenizer, tasks, config, rank, world_size)
+    del model
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, counts)
+    return scores_from_counts(gathered)

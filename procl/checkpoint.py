@@ -51,8 +51,8 @@ def write_state(directory: str | Path, tensors: dict, meta: dict) -> Path:
     return directory
 
 
-def load_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory: str | Path) -> dict:
-    """Verify and load a state folder into `model` (built by `strategy.build`); returns the metadata."""
+def read_state(directory: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a state folder, verified against its recorded sha256."""
     directory = Path(directory)
     tensors_path, meta_path = directory / TENSORS_FILE, directory / META_FILE
     for path in (tensors_path, meta_path):
@@ -64,5 +64,11 @@ def load_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory
         raise ValueError(f"{meta_path} is not valid JSON: {error}") from error
     if sha256_file(tensors_path) != meta.get("tensors_sha256"):
         raise ValueError(f"{tensors_path} does not match the sha256 recorded in {meta_path.name}: truncated or altered")
-    strategy.restore_state(model, load_file(str(tensors_path)), meta)
+    return load_file(str(tensors_path)), meta
+
+
+def load_strategy_state(strategy: ContinualStrategy, model: nn.Module, directory: str | Path) -> dict:
+    """Verify and load a state folder into `model` (built by `strategy.build`); returns the metadata."""
+    tensors, meta = read_state(directory)
+    strategy.restore_state(model, tensors, meta)
     return meta

@@ -83,6 +83,11 @@ class ContinualStrategy:
 
     def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
         self.in_task = False
+        self.remember(task_index, examples)
+
+    def remember(self, task_index: int, examples: list[Any]) -> None:
+        """The data part of `after_task` (no model): keep what `training_examples` of later tasks draws on.
+        A driver that prepares every task's data before training runs this in place of `after_task`."""
 
     # -- export and state ----------------------------------------------------------------------
     def export(self, model: PeftModel, directory: str | Path) -> Path:
@@ -152,8 +157,7 @@ class ReplayLoRA(ContinualStrategy):
         random.Random(self.seed + task_index).shuffle(mixed)
         return mixed
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
-        super().after_task(model, task_index, examples, engine)
+    def remember(self, task_index: int, examples: list[Any]) -> None:
         rng = random.Random(self.seed * 1000 + task_index)
         self.buffer += rng.sample(list(examples), min(self.buffer_per_task, len(examples)))
 
@@ -186,8 +190,7 @@ class MultitaskLoRA(ContinualStrategy):
         random.Random(self.seed + task_index).shuffle(joint)
         return joint
 
-    def after_task(self, model: PeftModel, task_index: int, examples: list[Any], engine: Any = None) -> None:
-        super().after_task(model, task_index, examples, engine)
+    def remember(self, task_index: int, examples: list[Any]) -> None:
         self.seen += list(examples)
 
     def state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

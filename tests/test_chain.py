@@ -195,10 +195,10 @@ from pipeline import chain
 from pipeline.config import load_config
 
 config = load_config(Path({str(config)!r}), [])
-task = chain.select_tasks(config)[0]
+tasks = chain.select_tasks(config)
 chain.init_ray(config)
 try:  # the workers cannot load the previous task's state
-    chain._train(config, 0, task, [list(p) for p in task.training_texts()], Path({str(tmp_path / "no-such-checkpoint")!r}))
+    list(chain._train_tasks(config, tasks, [(0, [list(p) for p in tasks[0].training_texts()])], Path({str(tmp_path / "no-such-checkpoint")!r})))
 except RuntimeError as error:
     print("RESULT", json.dumps([type(error).__name__, str(error)]))
 """

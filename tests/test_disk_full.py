@@ -1,4 +1,5 @@
-"""The run's storage fills up mid-chain (a small tmpfs as output_dir, filled once task 1 is done).
+"""The run's storage fills up mid-chain (a small tmpfs as output_dir, filled once task 1 is done and task 2
+is training).
 
 The chain must stop with one clear `error:` line, record nothing half-written as done, and, once space
 is freed, the same command finishes the chain without retraining the task finished before the disk filled.
@@ -57,16 +58,19 @@ def task_logged(manifest_path: Path, index: int) -> bool:
 
 def test_a_full_disk_stops_the_chain_cleanly_and_the_chain_resumes_once_space_is_freed(small_disk, tmp_path):
     config = write_config(tmp_path, "full")
-    args = ["run", str(config), "--set", f"output_dir={small_disk / 'runs'}", "--set", "stream.max_tasks=2"]
+    # 48 steps per task: task 2 trains for several seconds, so its end comes after the disk is full (the
+    # worker group goes on to task 2 while the driver still logs task 1)
+    args = ["run", str(config), "--set", f"output_dir={small_disk / 'runs'}", "--set", "stream.max_tasks=2",
+            "--set", "training.epochs=6", "--set", "training.batch_size=1"]
     run_dir = small_disk / "runs" / "full"
     log = tmp_path / "driver.log"  # not on the small disk
     with log.open("w") as out:
         driver = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                   env=os.environ | {"HF_HUB_OFFLINE": "1"})
         deadline = time.monotonic() + 600
-        while not task_logged(run_dir / "manifest.json", 0):
+        while not (task_logged(run_dir / "manifest.json", 0) and "[task 2/2 bbc] step " in log.read_text()):
             assert driver.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "task 1 never finished"
+            assert time.monotonic() < deadline, "task 1 never finished, or task 2 never started training"
             time.sleep(0.2)
         filler = fill(small_disk)
         driver.wait(timeout=900)

@@ -26,7 +26,7 @@ def test_embedded_model_scores_yahoo_topics_above_chance_zero_shot(monkeypatch):
 
 def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkeypatch):
     """evaluation.bf16 defaults to deepspeed.bf16; bf16 scoring really runs in bf16 and scores like fp32."""
-    from pipeline.chain import score_tasks
+    from pipeline.scoring import score_tasks
     from pipeline.config import load_config
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -99,12 +99,12 @@ def test_the_chain_trains_across_two_nodes(cluster, tmp_path):
     adapter = Path(manifest["adapter_dir"])
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
 
-    # where the training workers ran: one placement group per fit(), its two workers on the two worker nodes
+    # where the training workers ran: one placement group for the chain's one fit(), its two workers on the two worker nodes
     actors = list_actors(address=head.address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
     fits: dict[str, list[str]] = defaultdict(list)
     for actor in actors:
         fits[actor.placement_group_id].append(actor.node_id)
-    assert len(fits) == 3, {pg: nodes for pg, nodes in fits.items()}  # no restarts: one worker group per task
+    assert len(fits) == 1, {pg: nodes for pg, nodes in fits.items()}  # no restarts: one worker group for every task
     for nodes in fits.values():
         assert sorted(nodes) == sorted(worker_node_ids), "the two workers of a fit() did not run on the two worker nodes"
 

@@ -103,6 +103,21 @@ def test_multitask_restarts_from_a_fresh_lora_on_all_seen_examples():
     assert len(strategy.training_examples(1, ["x"])) == 9
 
 
+@pytest.mark.parametrize("name", ["replay", "multitask"])
+def test_a_driver_plans_the_same_examples_without_a_model_as_training_produces(name):
+    """The chain plans every task's examples before training (remember, no model); the workers' after_task
+    must leave the same data state, or a task would train on other examples than it was planned with."""
+    trained, planned = make_strategy(name, lora=LORA, seed=5), make_strategy(name, lora=LORA, seed=5)
+    model = trained.build(tiny_llama())
+    for task in range(3):
+        own = [f"example-{task}-{i}" for i in range(8)]
+        expected, got = trained.training_examples(task, own), planned.training_examples(task, own)
+        assert got == expected
+        trained.before_task(model, task)
+        trained.after_task(model, task, expected)
+        planned.remember(task, got)
+
+
 def test_procl_reference_mlp_refuses_export_clearly(tmp_path):
     strategy = strategy_named("procl", formulation="reference", reference_mlp=True)
     model = strategy.build(tiny_llama())

@@ -37,19 +37,15 @@ def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -
     return ["run", str(path), *(arg for setting in settings for arg in ("--set", setting))], load_config(path, settings)
 
 
-def checkpoints_of(task_dir: Path) -> list[Path]:
-    """The checkpoint folders Ray Train persisted for a task (next to its checkpoint_manager_snapshot.json)."""
-    return [p for p in task_dir.glob("checkpoint_*") if p.is_dir()] if task_dir.is_dir() else []
-
-
-def registered_mid_task_checkpoint(task_dir: Path) -> bool:
+def registered_mid_task_checkpoint(config: RunConfig, task_index: int) -> bool:
     """Ray Train's controller has registered an in-task checkpoint of this task: a restart would get it.
     (A folder on disk is not enough: a worker killed before the controller polled it leaves an orphan.)"""
+    snapshot = config.run_dir() / "ray" / "chain" / "checkpoint_manager_snapshot.json"  # the chain's one Ray Train run
     try:
-        latest = json.loads((task_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result")
+        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
     except (OSError, json.JSONDecodeError):
         return False  # not written yet, or being replaced right now
-    return bool(latest) and "task_done" not in latest["metrics"]
+    return bool(latest) and latest["metrics"]["task_index"] == task_index and "task_done" not in latest["metrics"]
 
 
 def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callable[[], bool], timeout: float = 600) -> None:
@@ -64,7 +60,7 @@ def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callabl
         struck, deadline = False, time.monotonic() + timeout
         try:
             while chain.poll() is None and time.monotonic() < deadline:
-                if not struck and registered_mid_task_checkpoint(config.run_dir() / "ray" / "task_0"):
+                if not struck and registered_mid_task_checkpoint(config, 0):
                     struck = strike()
                 time.sleep(0.2)
         finally:
@@ -77,10 +73,9 @@ def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callabl
 
 def assert_resumed_and_complete(config: RunConfig) -> None:
     """Task 0 resumed from an in-task checkpoint; both tasks have every step once; one MLflow run per task."""
-    final = max(checkpoints_of(config.run_dir() / "ray" / "task_0"), key=lambda p: p.stat().st_mtime)
-    resumed_at = json.loads((final / "progress.json").read_text()).get("resumed_at")
-    assert resumed_at and all(step >= 1 for step in resumed_at), resumed_at
     manifest = json.loads((config.run_dir() / "manifest.json").read_text())
+    resumed_at = manifest["tasks"][0]["resumed_at"]
+    assert resumed_at and all(step >= 1 for step in resumed_at), resumed_at
     assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc"] and manifest["adapter_dir"]
     steps = TRAIN_EXAMPLES // (config.training.batch_size * config.scaling.num_workers)
     # the resumed worker kept the losses up to its checkpoint and trained the rest: every step once
@@ -120,9 +115,8 @@ def test_a_driver_killed_mid_task_resumes_that_task_and_ends_like_an_uninterrupt
     from test_chain import kill_driver_when, run_cli
 
     cli_args, config = long_task_config(tmp_path, "driver-kill")
-    second_task = config.run_dir() / "ray" / "task_1"
     # SIGKILL the driver and its local Ray once the second task has a registered in-task checkpoint
-    kill_driver_when(cli_args, lambda: registered_mid_task_checkpoint(second_task))
+    kill_driver_when(cli_args, lambda: registered_mid_task_checkpoint(config, 1))
     first_task = json.loads((config.run_dir() / "manifest.json").read_text())["tasks"][0]
 
     resumed = run_cli(*cli_args)
@@ -131,8 +125,7 @@ def test_a_driver_killed_mid_task_resumes_that_task_and_ends_like_an_uninterrupt
     # name and storage path), not from its start
     manifest = json.loads((config.run_dir() / "manifest.json").read_text())
     assert manifest["tasks"][0]["tensors_sha256"] == first_task["tensors_sha256"]
-    final = max(checkpoints_of(second_task), key=lambda p: p.stat().st_mtime)
-    assert json.loads((final / "progress.json").read_text()).get("resumed_at"), "task 1 restarted from its start"
+    assert manifest["tasks"][1]["resumed_at"], "task 1 restarted from its start"
 
     reference_args, reference = long_task_config(tmp_path, "uninterrupted")
     assert run_cli(*reference_args).returncode == 0

@@ -1,0 +1,77 @@
+"""What the chain scores: the model at a point of the chain, on the validation and test splits of tasks.
+
+Runs where the model is: inside the training worker group after each task (each rank scores a shard
+of the examples and the counts are summed), and in Ray tasks for the zero-shot row, `eval` and
+`export`. Per-example scoring is `pipeline.evaluation.answered_correctly`.
+"""
+
+from __future__ import annotations
+
+from pipeline.config import RunConfig
+from pipeline.streams import Task
+from procl import make_strategy
+
+SPLITS = ("validation", "test")
+# {split: {task: [correct, scored]}}
+Counts = dict[str, dict[str, list[int]]]
+
+
+def load_trained(config: RunConfig, state: tuple[dict, dict] | None):
+    """(model, tokenizer, strategy) at a chain state (tensors, metadata from `strategy.state`), or the base
+    model when `state` is None (the zero-shot row)."""
+    from pipeline.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    if state is not None:
+        model = strategy.build(model)
+        strategy.restore_state(model, *state)
+    return model, tokenizer, strategy
+
+
+def model_to_score(config: RunConfig, state: tuple[dict, dict] | None):
+    """(model, tokenizer) as inference will run it: merged into the base weights when the chain exports a
+    plain LoRA (the scores are those of the exported model), else with the strategy's modules."""
+    model, tokenizer, _ = load_trained(config, state)
+    if state is not None and config.exports_plain_lora():
+        model = model.merge_and_unload()
+    return model, tokenizer
+
+
+def count_correct(model, tokenizer, tasks: list[Task], config: RunConfig, rank: int = 0, world_size: int = 1) -> Counts:
+    """Correct answers and examples scored per split and task, over every `world_size`-th example from `rank`."""
+    import torch
+
+    from pipeline.evaluation import answered_correctly
+
+    counts: Counts = {split: {} for split in SPLITS}
+    with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.scores_in_bf16()):
+        for task in tasks:
+            prompts = {split: task.prompts(split)[rank::world_size] for split in SPLITS}
+            targets = [t for split in SPLITS for t in task.targets(split)[rank::world_size]]
+            # both splits in one call: their prompts are batched by length together (less padding); a
+            # shard of a tiny task may hold no example
+            correct = answered_correctly(
+                model, tokenizer, [p for split in SPLITS for p in prompts[split]], targets, task.metric,
+                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
+            ) if targets else []
+            for split in SPLITS:
+                split_correct, correct = correct[: len(prompts[split])], correct[len(prompts[split]) :]
+                counts[split][task.name] = [sum(split_correct), len(split_correct)]
+    return counts
+
+
+def scores_from_counts(shards: list[Counts]) -> dict[str, dict[str, float]]:
+    """{split: {task: accuracy}} from the counts of every shard."""
+    scores: dict[str, dict[str, float]] = {split: {} for split in SPLITS}
+    for split in SPLITS:
+        for name in shards[0][split]:
+            correct, scored = (sum(shard[split][name][i] for shard in shards) for i in (0, 1))
+            scores[split][name] = correct / scored
+    return scores
+
+
+def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[str, dict[str, float]]:
+    """{split: {task: score}} on the validation and test splits of `tasks`, in this process."""
+    return scores_from_counts([count_correct(model, tokenizer, tasks, config)])
+
