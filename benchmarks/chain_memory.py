@@ -74,12 +74,15 @@ def _process_rss() -> dict[int, tuple[str, int]]:
     return found
 
 
-def _print_process_growth(first: dict[int, tuple[str, int]], last: dict[int, tuple[str, int]], tasks: int) -> None:
-    """The processes alive after task 2 and after the last task, by how much their RSS grew."""
+def _print_process_growth(first: dict[int, tuple[str, int]], last: dict[int, tuple[str, int]], tasks: int) -> float:
+    """The processes alive after task 2 and after the last task, by how much their RSS grew; returns their
+    total growth in MiB (processes that ended, e.g. idle workers Ray reaped, do not count as shrinking)."""
     grown = sorted(((last[pid][1] - rss, pid, name) for pid, (name, rss) in first.items() if pid in last), reverse=True)
-    print(f"\nprocesses alive from task 2 to task {tasks}, RSS growth:")
+    total = sum(growth for growth, _, _ in grown) / MIB
+    print(f"\nprocesses alive from task 2 to task {tasks}, RSS growth ({total:+.1f} MiB in all, {total / (tasks - 2):+.2f} per task):")
     for growth, pid, name in grown[:8]:
         print(f"{growth / MIB:+8.1f} MiB  pid {pid}  {name}")
+    return total
 
 
 class Sampler:
@@ -160,12 +163,12 @@ def main() -> None:
     print(f"{'task':>4} {'peak MiB':>9} {'driver MiB':>11} {'all MiB':>8}")
     for r in rows:
         print(f"{r['task']:>4} {r['peak_total_mib']:>9.0f} {r['after_driver_mib']:>11.0f} {r['after_total_mib']:>8.0f}")
-    _print_process_growth(processes["first"], processes["last"], len(rows))
+    alive_growth = _print_process_growth(processes["first"], processes["last"], len(rows))
     growth = _traced_growth(snapshots, len(rows)) if args.trace else None
     print(json.dumps({
         "benchmark": "chain_memory", "traced_python_growth_mib": growth, "tasks": len(rows), "per_task": [{k: round(v, 1) for k, v in r.items()} for r in rows],
         "slope_after_total_mib_per_task": round(slope_total, 2), "slope_after_driver_mib_per_task": round(slope_driver, 2),
-        **kind_slopes,
+        **kind_slopes, "alive_processes_growth_mib_per_task": round(alive_growth / (len(rows) - 2), 2),
     }))
 
 
