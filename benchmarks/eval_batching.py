@@ -7,7 +7,7 @@ A batch of prompts is padded to its longest prompt, and padded positions cost as
 ones; and every prompt of a task starts with the task's instruction. Before (how the chain scored until
 2026-11-29): each split of each task on its own, batches of `evaluation.batch_size` whole prompts in the
 order the split lists them. Now (`pipeline.evaluation.label_log_likelihoods`, both splits of a task in
-one call as `pipeline.chain.score_tasks` does): the prefix all the task's prompts share runs once, and
+one call as `pipeline.scoring.score_tasks` does): the prefix all the task's prompts share runs once, and
 the rest of each prompt is batched by length. Same model, prompts, batch size and precision as the
 demo's evaluation; rounds alternate the two ways and the best round of each counts. Reports the prompt
 tokens each way computes, the time ratio, and whether both pick the same label. One JSON line last.

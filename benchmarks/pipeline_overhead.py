@@ -324,7 +324,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     import numpy as np
     import torch
 
-    from pipeline.chain import score_tasks
+    from pipeline.scoring import score_tasks
     from pipeline.models import load_model_and_tokenizer
     from pipeline.preprocess import TokenizeBatch, trim_padding
     from procl import make_strategy, metrics
