@@ -25,8 +25,8 @@ from rich.console import Console
 
 from pipeline.config import RunConfig
 from pipeline.manifest import Manifest, TaskRecord
-from pipeline.streams import Task, check_answers_tokenize, load_stream
 from pipeline.scoring import load_trained, model_to_score, score_tasks
+from pipeline.streams import Task, check_answers_tokenize, load_stream
 from procl import make_strategy, metrics
 from procl.checkpoint import META_FILE, TENSORS_FILE, read_state, sha256_file
 
@@ -126,7 +126,6 @@ def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, lis
     import uuid
     from queue import Empty
 
-    import ray
     import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
