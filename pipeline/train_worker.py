@@ -171,8 +171,9 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int):
 
     A checkpoint of this fit is trusted whole: after a task's end the next task starts, mid-task the task
     resumes. One of an earlier fit of the chain (a driver killed and the chain re-submitted) is used only
-    mid-way through the first planned task: a task that earlier fit finished never reached the driver,
-    so it is trained again. (0, None, None, None) means: start the plan from its `previous_state`.
+    mid-way through the first planned task: had that fit finished the task, its results would have
+    reached the driver's manifest, and the task would not be planned again, so they were lost and it is
+    trained again. (0, None, None, None) means: start the plan from its `previous_state`.
     """
     import ray.train
 
