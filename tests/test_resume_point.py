@@ -1,0 +1,57 @@
+"""Where a (re)started chain worker group picks up, for each kind of checkpoint Ray Train hands it.
+
+The chain runs in one worker group; a restart gets the run's latest checkpoint, which may come from this
+fit (a worker failed) or from an earlier fit of the chain (the driver was killed and the chain re-submitted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+
+from pipeline import train_worker
+from pipeline.task_results import PROGRESS, STATE
+from procl.checkpoint import write_state
+
+PLAN = [{"index": 2}, {"index": 3}, {"index": 4}]  # the tasks the driver still needs
+
+
+def checkpoint_of(folder: Path, task_index: int, done: bool, fit_id: str) -> ray.train.Checkpoint:
+    write_state(folder / STATE, {"weight": torch.full((2,), float(task_index))}, {"task_index": task_index})
+    progress = {"fit_id": fit_id, "task_index": task_index, "task_done": done, "steps": 0 if done else 3, "losses": [1.0]}
+    (folder / PROGRESS).write_text(json.dumps(progress))
+    return ray.train.Checkpoint.from_directory(str(folder))
+
+
+@pytest.mark.parametrize(("task_index", "done", "fit_id", "position", "resumes_mid_task"), [
+    (3, True, "this", 2, False),     # a worker failed after task 3's end: go on with task 4
+    (3, False, "this", 1, True),     # ... mid-way through task 3: resume it
+    (2, False, "earlier", 0, True),  # a re-submitted chain, killed mid-way through its first needed task
+    (2, True, "earlier", 0, False),  # the earlier fit finished task 2 but the driver never got it: retrain
+    (3, False, "earlier", 0, False), # the earlier fit got past tasks the driver never got: retrain from the start
+    (1, True, "earlier", 0, False),  # a task the driver has recorded: start from the driver's previous state
+])
+def test_a_restarted_worker_group_picks_up_where_its_checkpoint_allows(tmp_path, monkeypatch, task_index, done, fit_id, position,
+                                                                         resumes_mid_task):
+    checkpoint = checkpoint_of(tmp_path, task_index, done, fit_id)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
+
+    got_position, state, progress, optimizer_state = train_worker._resume_point(PLAN, "this", rank=0)
+
+    assert got_position == position
+    assert (progress is not None) == resumes_mid_task
+    if state is None:  # start the plan from the driver's previous state
+        assert position == 0 and progress is None
+    else:
+        tensors, meta = state
+        assert meta["task_index"] == task_index and torch.equal(tensors["weight"], torch.full((2,), float(task_index)))
+    assert optimizer_state is None  # the test's checkpoints hold no optimizer partition
+
+
+def test_no_checkpoint_starts_the_plan_from_the_previous_state(monkeypatch):
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert train_worker._resume_point(PLAN, "this", rank=0) == (0, None, None, None)
