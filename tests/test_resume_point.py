@@ -21,6 +21,7 @@ PLAN = [{"index": 2}, {"index": 3}, {"index": 4}]  # the tasks the driver still 
 
 
 def checkpoint_of(folder: Path, task_index: int, done: bool, fit_id: str) -> ray.train.Checkpoint:
+    folder.mkdir()
     write_state(folder / STATE, {"weight": torch.full((2,), float(task_index))}, {"task_index": task_index})
     progress = {"fit_id": fit_id, "task_index": task_index, "task_done": done, "steps": 0 if done else 3, "losses": [1.0]}
     (folder / PROGRESS).write_text(json.dumps(progress))
@@ -37,21 +38,21 @@ def checkpoint_of(folder: Path, task_index: int, done: bool, fit_id: str) -> ray
 ])
 def test_a_restarted_worker_group_picks_up_where_its_checkpoint_allows(tmp_path, monkeypatch, task_index, done, fit_id, position,
                                                                          resumes_mid_task):
-    checkpoint = checkpoint_of(tmp_path, task_index, done, fit_id)
+    checkpoint = checkpoint_of(tmp_path / "checkpoint", task_index, done, fit_id)
+    previous = write_state(tmp_path / "previous", {"weight": torch.full((2,), 1.0)}, {"task_index": 1})  # the driver's last recorded task
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
 
-    got_position, state, progress, optimizer_state = train_worker._resume_point(PLAN, "this", rank=0)
+    got_position, state, progress, optimizer_state = train_worker._resume_point(PLAN, "this", rank=0, previous_state=str(previous))
 
     assert got_position == position
     assert (progress is not None) == resumes_mid_task
-    if state is None:  # start the plan from the driver's previous state
-        assert position == 0 and progress is None
-    else:
-        tensors, meta = state
-        assert meta["task_index"] == task_index and torch.equal(tensors["weight"], torch.full((2,), float(task_index)))
+    trusted = position > 0 or resumes_mid_task  # else: start the plan from the driver's previous state
+    tensors, meta = state
+    expected = task_index if trusted else 1
+    assert meta["task_index"] == expected and torch.equal(tensors["weight"], torch.full((2,), float(expected)))
     assert optimizer_state is None  # the test's checkpoints hold no optimizer partition
 
 
 def test_no_checkpoint_starts_the_plan_from_the_previous_state(monkeypatch):
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    assert train_worker._resume_point(PLAN, "this", rank=0) == (0, None, None, None)
+    assert train_worker._resume_point(PLAN, "this", rank=0, previous_state=None) == (0, None, None, None)
