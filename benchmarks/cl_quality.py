@@ -58,6 +58,15 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def sorted_plasticity(task_slot_usage: list[dict[str, list[float]]]) -> list[list[float]]:
+    """Per ProCL task, each layer's mean slot plasticity rho-bar sorted high to low, averaged over layers.
+
+    [1, 1, 1, 1] is routing that never differentiated (ProCL acting as seq_lora); [1, 0, 0, 0] keeps one
+    slot per layer and pulls the others back to where the task started."""
+    return [[round(statistics.mean(col), 3) for col in zip(*(sorted(u, reverse=True) for u in task.values()))]
+            for task in task_slot_usage]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="results folder (runs.jsonl; re-running resumes)")
@@ -109,12 +118,15 @@ def main() -> None:
                           "seconds": round(time.time() - run_started, 1),
                           "train_s": round(sum(t["train_s"] for t in result["per_task"]), 1),
                           "eval_s": round(result["zero_shot_s"] + sum(t["eval_s"] for t in result["per_task"]), 1)}
+                if result["task_slot_usage"]:
+                    record["sorted_plasticity"] = sorted_plasticity(result["task_slot_usage"])
                 with results_file.open("a") as out:
                     out.write(json.dumps(record) + "\n")
                 done[(name, order, seed)] = record
                 summary = metrics.summary(record["matrix"])
                 print(f"{name:<10} {order} seed {seed}: AA {summary['average_accuracy']:.3f}  BWT {summary['backward_transfer']:+.3f}  "
-                      f"({record['seconds']:.0f} s)", flush=True)
+                      f"({record['seconds']:.0f} s)" + (f"  sorted plasticity {record['sorted_plasticity']}" if "sorted_plasticity" in record else ""),
+                      flush=True)
 
     rows = {}
     for name in args.strategies:

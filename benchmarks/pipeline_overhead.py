@@ -410,7 +410,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     validation_matrix = [[zero_shot["validation"][task.name] for task in tasks]] + validation_rows
     return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,
             "per_task": per_task, "matrix": matrix, "validation_matrix": validation_matrix, "zero_shot": zero_shot,
-            "summary": metrics.summary(matrix)}
+            "summary": metrics.summary(matrix), "task_slot_usage": getattr(strategy, "task_slot_usage", [])}
 
 
 # -- report ----------------------------------------------------------------------------------------------

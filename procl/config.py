@@ -51,6 +51,8 @@ class ProCLConfig(BaseModel):
         what a task learns is kept (docs/METHOD.md, "Residual formulation").
       - "reference": the literal formulation of the released code (row-block programs mixed by
         attention, gamma-gated W0, EMA consolidation toward the executing factor).
+    routed_factors: which factors of each LoRA layer are routed (residual); "A" or "B" leaves the
+      other factor to train as plain LoRA, an ablation of where program memory acts.
     reference_mlp: the released code also wraps each replaced factor's output in a freshly
       initialised ReLU MLP, kept at inference. Only with formulation="reference"; a model with it
       cannot be exported as a plain LoRA.
@@ -74,12 +76,19 @@ class ProCLConfig(BaseModel):
         ge=0,
         description="residual only: weight of the loss that steers routing away from slots earlier tasks kept.",
     )
+    routed_factors: Literal["both", "A", "B"] = Field(
+        "both",
+        description="residual only: which LoRA factors are program memory; an unrouted factor trains as plain LoRA "
+        "(no routing, no consolidation pull).",
+    )
     reference_mlp: bool = False
 
     @model_validator(mode="after")
     def _mlp_only_in_reference(self) -> "ProCLConfig":
         if self.reference_mlp and self.formulation != "reference":
             raise ValueError("reference_mlp=True needs formulation='reference' (it reproduces the released code)")
+        if self.routed_factors != "both" and self.formulation != "residual":
+            raise ValueError("routed_factors applies to formulation='residual' only (the reference formulation routes both)")
         return self
 
     def check_divides(self, rows: int, what: str) -> None:

@@ -198,6 +198,8 @@ class ProgramFactor(nn.Module):
         self.weight = linear.weight
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.role, self.formulation = role, config.formulation
+        # the reference formulation always routes both factors (the config refuses anything else)
+        self.routed = config.routed_factors in ("both", role)
         self.ema_lambda = config.ema_lambda
         w0 = read_full(self.weight)
         self.register_buffer("w0", w0)
@@ -232,7 +234,9 @@ class ProgramFactor(nn.Module):
     def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-input W_exec = W0 + rho[b] ⊙ (W - W0), computed on activations (two matmuls, no per-input weights)."""
         router = self.residual_router
-        rho = router(x) if self.role == "A" else router.last_rho
+        rho = router(x) if self.role == "A" else router.last_rho  # the query comes from the layer input, A's input
+        if not self.routed:
+            return F.linear(x, self.weight)
         w0 = self.w0.to(self.weight.dtype)
         rank = self.weight.shape[self.rank_dim]
         rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
@@ -254,13 +258,15 @@ class ProgramFactor(nn.Module):
 
         engine: the DeepSpeed engine, needed only for ZeRO-0 with bf16/fp16 (see procl.distributed).
         """
+        if not self.routed:
+            return
         weight = read_full(self.weight, engine=engine)
         write_full(self.weight, eq.consolidate(weight, self.executing_weight(weight), self.ema_lambda), engine=engine)
 
     @torch.no_grad()
     def fold_task(self, engine: Any = None) -> None:
         """Residual, at task end: W <- W0 + rho_task ⊙ (W - W0), the executing adapter at the task's mean routing."""
-        if self.formulation != "residual":
+        if self.formulation != "residual" or not self.routed:
             return
         weight = read_full(self.weight, engine=engine)
         rho_task = self.residual_router.task_mean()[: self.residual_router.num_slots]

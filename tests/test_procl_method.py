@@ -188,6 +188,38 @@ def test_unrouted_slots_stay_untouched():
         torch.testing.assert_close(kept, kept0, rtol=0, atol=1e-8)  # the other slots were not written
 
 
+@pytest.mark.parametrize("routed", ["A", "B"])
+def test_an_unrouted_factor_trains_as_plain_lora(routed):
+    """Routing pinned to slot 0: the routed factor keeps slots 1..3 at W0; consolidation and the task-end
+    fold leave the other factor exactly as its optimiser steps wrote it (every rank written)."""
+    strategy = procl_strategy(protect_weight=0.0, routed_factors=routed, consolidate_every=100)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    for router in memory._routers(model):
+        router.gate_logits.data = torch.tensor([30.0, -30.0, -30.0, -30.0])
+        router.gate_logits.requires_grad_(False)
+    w0 = {path: f.w0.clone() for path, f in memory.program_factors(model)}
+    train_steps(model, strategy, 5, seed=11)
+    trained = lora_weights(model)  # no consolidation yet: after_task consolidates the 5 steps and folds
+    strategy.after_task(model, 1, [])
+    for path, layer in memory.lora_layers(model):
+        for name in ("lora_A", "lora_B"):
+            key = f"{path}.{name}.default"
+            w = getattr(layer, name)["default"].weight.detach()
+            other_slots = (w - w0[key])[2:] if name == "lora_A" else (w - w0[key])[:, 2:]
+            if name == f"lora_{routed}":
+                torch.testing.assert_close(other_slots, torch.zeros_like(other_slots), rtol=0, atol=1e-8)
+            else:
+                assert other_slots.abs().max() > 1e-4
+                torch.testing.assert_close(w, trained[f"{key}.weight"], rtol=0, atol=0)
+
+
+def test_routed_factors_is_residual_only():
+    with pytest.raises(ValueError, match="routed_factors applies to formulation='residual'"):
+        ProCLConfig(formulation="reference", routed_factors="A")
+
+
 def test_protection_loss_steers_routing_away_from_slots_earlier_tasks_kept():
     strategy = procl_strategy(protect_weight=1.0)
     model = strategy.build(tiny_llama())
