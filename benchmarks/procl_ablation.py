@@ -39,6 +39,7 @@ VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "router_lr_scale=50": (["procl"], ["strategy.procl.router_lr_scale=50"]),
     "num_slots=2": (["procl"], ["strategy.procl.num_slots=2"]),
     "lr=0.001": (["procl", "seq_lora"], ["training.lr=0.001"]),
+    "epochs=2": (["procl", "seq_lora"], ["training.epochs=2"]),
     "tau=4": (["procl"], ["strategy.procl.tau=4"]),
     "num_slots=8": (["procl"], ["strategy.procl.num_slots=8"]),
     "ema_lambda=0.99": (["procl"], ["strategy.procl.ema_lambda=0.99"]),
