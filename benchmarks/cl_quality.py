@@ -86,12 +86,14 @@ def main() -> None:
         args.orders, args.seeds, args.train, args.validation, args.test = ["order1"], [0], 16, 4, 8
         args.overrides = ["model.name=tiny-llama", *args.overrides]
     args.out.mkdir(parents=True, exist_ok=True)
-    # results of one folder must come from one setting: a resumed table refuses other sizes or overrides
-    settings = {"config": str(args.config), "sizes": [args.train, args.validation, args.test], "overrides": args.overrides,
-                "scores_in_bf16": load_config(args.config, args.overrides).scores_in_bf16()}
+    # results of one folder must come from one setting: a resumed table refuses other sizes, overrides or
+    # config contents (the resolved config, so an edit of the config file counts too)
+    resolved = load_config(args.config, args.overrides).model_dump(mode="json", exclude={"run_name", "output_dir", "tracking", "ray"})
+    settings = {"config": resolved, "sizes": [args.train, args.validation, args.test], "overrides": args.overrides}
     settings_file = args.out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise SystemExit(f"error: {args.out} holds results of other settings ({settings_file.read_text().strip()}); use another --out")
+        raise SystemExit(f"error: {args.out} holds results of other settings (see {settings_file}: config, sizes or overrides "
+                         "differ); use another --out")
     settings_file.write_text(json.dumps(settings))
     stream = resized_stream(args.out, args.train, args.validation, args.test)
     results_file = args.out / "runs.jsonl"

@@ -325,8 +325,8 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     import torch
 
     from pipeline.scoring import score_tasks
-    from pipeline.models import load_model_and_tokenizer
-    from pipeline.preprocess import TokenizeBatch, trim_padding
+    from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
+    from pipeline.preprocess import TokenizeBatch, TrimPadding
     from procl import make_strategy, metrics
 
     torch.set_num_threads(threads)
@@ -344,6 +344,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
 
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
     model = strategy.build(model)
+    collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # as the pipeline's workers
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
     plain_lora = config.exports_plain_lora()
@@ -373,7 +374,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
             for k in range(per_worker):
                 for w in range(workers):
                     picked = slice(w * shard + k * micro, w * shard + min((k + 1) * micro, shard))
-                    batch = trim_padding({name: rows[name][picked] for name in rows})
+                    batch = collate({name: rows[name][picked] for name in rows})
                     # deepspeed.bf16 as torch autocast: same loss curve, same speed-up (benchmarks/precision.py)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.deepspeed.bf16):
                         loss = model(**batch).loss

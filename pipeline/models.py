@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from procl.atomic import atomic_directory
@@ -77,6 +79,11 @@ class ModelSpec(BaseModel):
     allow_download: bool = Field(
         False, description="Hub ids load only when true; otherwise the hub is never contacted."
     )
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None,
+        description="transformers' attention kernel; None keeps the model's default (sdpa). On CPUs without AMX, "
+        "bf16 sdpa runs slower than fp32 and 'eager' is faster (benchmarks/precision.py).",
+    )
 
 
 def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -100,10 +107,20 @@ def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrain
         raise ValueError(
             f"model.name {spec.name!r}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}"
         )
+    if spec.attn_implementation is not None:
+        model.set_attn_implementation(spec.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the causal LM (under its peft wrapper) can run its LM head and loss on chosen positions only:
+    its forward takes transformers' `logits_to_keep` and its loss is the standard causal-LM loss, which
+    takes `shift_labels` (see `pipeline.preprocess.keep_labeled_logits`). Remote-code models may not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters and getattr(base, "loss_function", None) is ForCausalLMLoss
 
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import RunConfig
-from pipeline.models import load_model_and_tokenizer
-from pipeline.preprocess import trim_padding
+from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
+from pipeline.preprocess import TrimPadding
 from pipeline.scoring import count_correct, model_to_score, scores_from_counts
 from pipeline.task_results import OPTIMIZER, PROGRESS, RESULT, STATE
 from procl import make_strategy
@@ -244,8 +244,9 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         accumulation = config.training.gradient_accumulation
         micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
         micro_step = 0
+        collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # LM head + loss on answer positions only
         for _ in range(config.training.epochs):
-            batches = entry["shards"][rank].iter_torch_batches(batch_size=config.training.batch_size, collate_fn=trim_padding,
+            batches = entry["shards"][rank].iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate,
                                                                device=engine.device)
             for batch in batches:
                 micro_step += 1

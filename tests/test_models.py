@@ -75,6 +75,18 @@ def test_tiny_models_load_fast_tokenize_english_and_run(name, model_class):
     assert torch.isfinite(output).all()
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_eager_attention_is_the_same_function_as_sdpa(name):
+    """model.attn_implementation picks the kernel only: padded batches give the same logits on real tokens."""
+    default, tokenizer = load_model_and_tokenizer(ModelSpec(name=name))
+    eager, _ = load_model_and_tokenizer(ModelSpec(name=name, attn_implementation="eager"))
+    assert eager.config._attn_implementation == "eager" and default.config._attn_implementation != "eager"
+    batch = tokenizer(ENGLISH, padding=True, return_tensors="pt")
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        torch.testing.assert_close(eager(**batch).logits[real], default(**batch).logits[real], rtol=1e-5, atol=1e-5)
+
+
 def test_tiny_models_have_their_families_special_tokens(caplog):
     llama_model, llama_tokenizer = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
     assert (llama_tokenizer.bos_token, llama_tokenizer.eos_token, llama_tokenizer.pad_token) == ("<s>", "</s>", "<pad>")

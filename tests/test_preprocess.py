@@ -11,8 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.models import ModelSpec, load_model_and_tokenizer, load_tokenizer
-from pipeline.preprocess import IGNORE_INDEX, build_training_row, count_tokens, tokenize_rows, tokenized_dataset, trim_padding
+from conftest import tiny_gpt2, tiny_llama
+
+from pipeline.models import ModelSpec, accepts_logits_to_keep, load_model_and_tokenizer, load_tokenizer
+from pipeline.preprocess import (
+    IGNORE_INDEX,
+    TrimPadding,
+    build_training_row,
+    count_tokens,
+    tokenize_rows,
+    tokenized_dataset,
+    trim_padding,
+)
+from procl import LoraSettings, make_strategy
 from pipeline.streams import load_stream
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "streams"
@@ -50,6 +61,40 @@ def test_trim_padding_cuts_to_the_longest_row():
     }
     out = trim_padding(batch)
     assert out["input_ids"].tolist() == [[1, 2], [3, 0]] and out["labels"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_labelled_positions_only_give_the_same_loss_and_gradients(make_model):
+    """LM head and loss on the answer positions only (what training feeds the model): same loss and LoRA gradients."""
+    import numpy as np
+
+    rows = [build_training_row(list(range(10, 10 + n)), [5, 6, 7], max_length=16, pad_id=0, mask_prompt=True, cue_ids=[10])
+            for n in (4, 9, 6)]
+    numpy_batch = {name: np.array(column) for name, column in zip(("input_ids", "attention_mask", "labels"), zip(*rows))}
+    strategy = make_strategy("seq_lora", lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"] if make_model is tiny_llama else ["c_attn"]))
+    model = strategy.build(make_model())
+    strategy.before_task(model, 0)
+    assert accepts_logits_to_keep(model)
+    results = []
+    for collate in (TrimPadding(), TrimPadding(labeled_logits_only=True)):
+        model.zero_grad()
+        batch = collate(numpy_batch)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (full_loss, full_grads), (kept_loss, kept_grads) = results
+    assert batch["logits_to_keep"].sum() == 3 * 3  # in each of the 3 rows, the positions predicting 5, 6 and 7
+    torch.testing.assert_close(kept_loss, full_loss, rtol=1e-6, atol=1e-6)
+    for kept, full in zip(kept_grads, full_grads):
+        torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-7)
+
+
+def test_a_model_without_logits_to_keep_trains_on_whole_logits():
+    class NoLogitsToKeep(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            raise NotImplementedError
+
+    assert not accepts_logits_to_keep(NoLogitsToKeep())
 
 
 def test_a_tokenisation_task_loads_its_tokenizer_once_for_all_its_batches():
