@@ -49,6 +49,16 @@ def average_incremental_accuracy(matrix: Matrix) -> float:
     return float(np.mean([average_accuracy(r[: i + 1]) for i in range(1, _trained(r) + 1)]))
 
 
+def learning_accuracy(matrix: Matrix) -> float:
+    """LA_k = (1/k) sum_{j=1..k} R[j][j]: each task's score right after training it (plasticity, before any forgetting).
+
+    AA_k = LA_k + BWT_k (k - 1) / k: a method can trail on AA by learning less or by losing more later.
+    """
+    r = as_matrix(matrix)
+    k = _trained(r)
+    return float(np.mean([r[j, j - 1] for j in range(1, k + 1)]))
+
+
 def backward_transfer(matrix: Matrix) -> float:
     """BWT_k = (1/(k-1)) sum_{j=1..k-1} (R[k][j] - R[j][j]); 0 when k = 1. Negative means forgetting."""
     r = as_matrix(matrix)
@@ -91,6 +101,7 @@ def summary(matrix: Matrix) -> dict[str, float]:
     return {
         "average_accuracy": average_accuracy(matrix),
         "average_incremental_accuracy": average_incremental_accuracy(matrix),
+        "learning_accuracy": learning_accuracy(matrix),
         "backward_transfer": backward_transfer(matrix),
         "forgetting": forgetting(matrix),
         "forward_transfer": forward_transfer(matrix),

@@ -30,6 +30,12 @@ def test_backward_transfer():
     assert metrics.backward_transfer(R[:2]) == 0.0
 
 
+def test_learning_accuracy_and_backward_transfer_split_average_accuracy():
+    assert metrics.learning_accuracy(R) == pytest.approx((0.80 + 0.90 + 0.95) / 3)
+    k = 3
+    assert metrics.average_accuracy(R) == pytest.approx(metrics.learning_accuracy(R) + metrics.backward_transfer(R) * (k - 1) / k)
+
+
 def test_forgetting_uses_the_best_earlier_score():
     assert metrics.forgetting(R) == pytest.approx(((0.80 - 0.50) + (0.90 - 0.70)) / 2)
     assert metrics.forgetting_per_task(R) == pytest.approx([0.30, 0.20])
@@ -45,7 +51,8 @@ def test_forward_transfer_against_the_zero_shot_row():
 
 def test_summary_has_every_metric():
     assert set(metrics.summary(R)) == {
-        "average_accuracy", "average_incremental_accuracy", "backward_transfer", "forgetting", "forward_transfer",
+        "average_accuracy", "average_incremental_accuracy", "learning_accuracy", "backward_transfer", "forgetting",
+        "forward_transfer",
     }
 
 
