@@ -137,12 +137,13 @@ def main() -> None:
         validation = [metrics.summary(r["validation_matrix"]) for r in runs]
         rows[name] = {
             "runs": len(runs),
-            **{f"test_{k}": [t[k] for t in test] for k in ("average_accuracy", "backward_transfer", "forgetting")},
+            **{f"test_{k}": [t[k] for t in test] for k in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting")},
             "validation_average_accuracy": [v["average_accuracy"] for v in validation],
         }
-    print(f"\n{'strategy':<10} {'runs':>4}  {'test AA':>15}  {'test BWT':>16}  {'forgetting':>15}  {'validation AA':>15}")
+    print(f"\n{'strategy':<10} {'runs':>4}  {'test AA':>15}  {'test LA':>15}  {'test BWT':>16}  {'forgetting':>15}  {'validation AA':>15}")
     for name, row in rows.items():
-        print(f"{name:<10} {row['runs']:>4}  {_mean_std(row['test_average_accuracy']):>15}  {_mean_std(row['test_backward_transfer']):>16}  "
+        print(f"{name:<10} {row['runs']:>4}  {_mean_std(row['test_average_accuracy']):>15}  {_mean_std(row['test_learning_accuracy']):>15}  "
+              f"{_mean_std(row['test_backward_transfer']):>16}  "
               f"{_mean_std(row['test_forgetting']):>15}  {_mean_std(row['validation_average_accuracy']):>15}")
     print(json.dumps({"benchmark": "cl_quality", "orders": args.orders, "seeds": args.seeds,
                       "sizes": {"train": args.train, "validation": args.validation, "test": args.test},

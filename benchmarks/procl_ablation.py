@@ -7,7 +7,7 @@ into `<out>/<variant>/`, on order1 with seed 0 by default (a chain takes 4-10 mi
 run in the order listed, so a run cut short still has the most informative ones, and re-running
 resumes. The main table's chains on the same orders and seeds (`--baseline`) are shown beside them. The table
 ranks variants by **validation** average accuracy (the only selection rule the main table allows),
-shows test AA and BWT next to it, and the mean sorted slot plasticity rho-bar of the ProCL tasks:
+shows test AA, learning accuracy (LA: each task right after training it) and BWT next to it, and the mean sorted slot plasticity rho-bar of the ProCL tasks:
 how far routing differentiated the slots (1 1 1 1 = never, ProCL then trains like seq_lora).
 One JSON line last.
 """
@@ -58,6 +58,7 @@ def _row(variant: str, strategy: str, records: list[dict]) -> dict:
         "variant": variant, "strategy": strategy, "runs": len(records),
         "validation_aa": statistics.mean(v["average_accuracy"] for v in validation),
         "test_aa": statistics.mean(t["average_accuracy"] for t in test),
+        "test_la": statistics.mean(t["learning_accuracy"] for t in test),
         "test_bwt": statistics.mean(t["backward_transfer"] for t in test),
         "sorted_plasticity": [round(statistics.mean(col), 2) for col in zip(*plasticity)] if plasticity else None,
     }
@@ -104,11 +105,11 @@ def main() -> None:
             subprocess.run(command, check=True)
 
     rows = summarize(args.out, args.variants, args.baseline, args.orders, args.seeds)
-    print(f"\n{'variant':<18} {'strategy':<9} {'runs':>4} {'val AA':>7} {'test AA':>7} {'test BWT':>8}  sorted plasticity (ProCL tasks)")
+    print(f"\n{'variant':<18} {'strategy':<9} {'runs':>4} {'val AA':>7} {'test AA':>7} {'test LA':>7} {'test BWT':>8}  sorted plasticity (ProCL tasks)")
     for row in rows:
         plasticity = " ".join(f"{p:.2f}" for p in row["sorted_plasticity"]) if row["sorted_plasticity"] else ""
         print(f"{row['variant']:<18} {row['strategy']:<9} {row['runs']:>4} {row['validation_aa']:>7.3f} {row['test_aa']:>7.3f} "
-              f"{row['test_bwt']:>+8.3f}  {plasticity}")
+              f"{row['test_la']:>7.3f} {row['test_bwt']:>+8.3f}  {plasticity}")
     print(json.dumps({"benchmark": "procl_ablation", "orders": args.orders, "seeds": args.seeds, "rows": rows}))
 
 
