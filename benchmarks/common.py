@@ -6,20 +6,33 @@ import argparse
 
 import torch
 
+from pipeline.preprocess import IGNORE_INDEX, keep_labeled_logits
+
 
 def step_benchmark_parser(doc: str, batch: int) -> argparse.ArgumentParser:
-    """--quick, --threads (default 1: steadier on a shared machine), --batch, --length."""
+    """--quick, --threads (default 1: steadier on a shared machine), --batch, --length, --answer-tokens."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--answer-tokens", type=int, default=4, help="labelled tokens at the end of each row (0: every token)")
     return parser
 
 
-def strategy_step(model, strategy, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-    """One optimizer step as the worker loop takes it: loss + the strategy's extra loss, then its hook."""
-    loss = model(input_ids=ids, labels=ids).loss
+def training_batch(vocab: int, batch: int, length: int, answer_tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random token rows shaped like the pipeline's: the loss on the last `answer_tokens` (0: on every token)."""
+    ids = torch.randint(0, vocab, (batch, length), generator=generator)
+    labels = ids.clone()
+    if answer_tokens:
+        labels[:, : length - answer_tokens] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels}
+
+
+def strategy_step(model, strategy, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> float:
+    """One optimizer step as the worker loop takes it (LM head on the labelled positions only): loss + the
+    strategy's extra loss, then its hook."""
+    loss = model(**keep_labeled_logits(batch)).loss
     extra = strategy.extra_loss(model)
     (loss if extra is None else loss + extra).backward()
     optimizer.step()

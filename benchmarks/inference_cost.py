@@ -45,7 +45,8 @@ def train_procl_adapter(spec: ModelSpec, out: Path, steps: int) -> Path:
         model.train()
         optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-3), lr=1e-3)
         for _ in range(steps):
-            strategy_step(model, strategy, optimizer, torch.randint(task * 1000, task * 1000 + 1000, (2, 32), generator=generator))
+            ids = torch.randint(task * 1000, task * 1000 + 1000, (2, 32), generator=generator)
+            strategy_step(model, strategy, optimizer, {"input_ids": ids, "labels": ids})
         strategy.after_task(model, task, [])
     return strategy.export(model, out)
 

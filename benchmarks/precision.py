@@ -35,10 +35,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from common import step_benchmark_parser  # noqa: E402
+from common import step_benchmark_parser, training_batch  # noqa: E402
 
 from pipeline.models import ModelSpec, load_model_and_tokenizer  # noqa: E402
-from pipeline.preprocess import IGNORE_INDEX, keep_labeled_logits  # noqa: E402
+from pipeline.preprocess import keep_labeled_logits  # noqa: E402
 from procl import LoraSettings, make_strategy  # noqa: E402
 
 LORA = LoraSettings(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
@@ -117,9 +117,7 @@ def _cpu_name() -> str:
 
 
 def main() -> None:
-    parser = step_benchmark_parser(__doc__, batch=4)
-    parser.add_argument("--answer-tokens", type=int, default=4, help="labelled tokens at the end of each row (0: every token)")
-    args = parser.parse_args()
+    args = step_benchmark_parser(__doc__, batch=4).parse_args()
     torch.set_num_threads(args.threads)
     steps = 4 if args.quick else 12
 
@@ -135,13 +133,7 @@ def main() -> None:
     vocab = variants["fp32"].model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     # a fixed small pool of batches, cycled: the loss must fall for a variant that trains
-    pool = []
-    for _ in range(2):
-        ids = torch.randint(0, vocab, (args.batch, args.length), generator=generator)
-        labels = ids.clone()
-        if args.answer_tokens:
-            labels[:, : args.length - args.answer_tokens] = IGNORE_INDEX
-        pool.append({"input_ids": ids, "labels": labels})
+    pool = [training_batch(vocab, args.batch, args.length, args.answer_tokens, generator) for _ in range(2)]
     for variant in variants.values():  # warm-up (oneDNN kernel selection), not timed or scored
         variant.step(pool[0])
 

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/step_overhead.py            # SmolLM2-135M, batch 4 x 128, r = 16 (~4 min)
     .venv/bin/python benchmarks/step_overhead.py --quick    # fewer rounds (~1.5 min)
 
-Every variant trains the same embedded model on the same batch through the strategy hooks the worker
+Every variant trains the same embedded model on the same batch (loss on the last `--answer-tokens`
+tokens of each row, the LM head on those positions only, as the pipeline trains) through the strategy hooks the worker
 loop calls (forward, extra loss, backward, AdamW step, after_optimizer_step: routing, protection loss,
 EMA consolidation every `consolidate_every` steps). ProCL is measured on its third task, where program
 memory is attached and earlier slot usage is protected (on task 1 ProCL is plain LoRA). Variants are
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from common import step_benchmark_parser, strategy_step  # noqa: E402
+from common import step_benchmark_parser, strategy_step, training_batch  # noqa: E402
 
 from pipeline.models import ModelSpec, load_model_and_tokenizer  # noqa: E402
 from procl import LoraSettings, ProCLConfig, make_strategy  # noqa: E402
@@ -59,16 +60,16 @@ def main() -> None:
     variants = ["lora", "procl N=2", "procl N=4", "procl N=8", "procl N=16"]
     built = {v: build(v, spec) for v in variants}
     vocab = built["lora"][0].config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.length), generator=torch.Generator().manual_seed(0))
+    batch = training_batch(vocab, args.batch, args.length, args.answer_tokens, torch.Generator().manual_seed(0))
     for v in variants:  # warm-up: allocator, first-call overheads
-        strategy_step(*built[v], ids)
+        strategy_step(*built[v], batch)
 
     times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v in variants:
             started = time.perf_counter()
             for _ in range(steps):
-                strategy_step(*built[v], ids)
+                strategy_step(*built[v], batch)
             times[v].append((time.perf_counter() - started) / steps)
 
     median = {v: statistics.median(t) for v, t in times.items()}
@@ -78,7 +79,8 @@ def main() -> None:
     slots = {v.split("=")[1]: median[v] for v in variants if v != "lora"}
     print(json.dumps({
         "benchmark": "step_overhead",
-        "model": spec.name, "batch": args.batch, "length": args.length, "rank": RANK, "threads": args.threads,
+        "model": spec.name, "batch": args.batch, "length": args.length, "answer_tokens": args.answer_tokens, "rank": RANK,
+        "threads": args.threads,
         "rounds": rounds, "steps_per_round": steps,
         "seconds_per_step": {v: round(m, 4) for v, m in median.items()},
         "ratio_procl_n4_vs_lora": round(median["procl N=4"] / median["lora"], 3),
