@@ -167,16 +167,21 @@ def test_routing_statistics_average_the_steps_since_the_last_consolidation():
         assert max(layer_stats["slot_plasticity"]) <= 1.0 + 1e-6
 
 
-def test_unrouted_slots_stay_untouched():
-    """Gates pinned so every input routes to slot 0: slots 1..3 of A (rank rows) and B (rank cols) keep W0."""
-    strategy = procl_strategy(protect_weight=0.0)
+def second_task_routed_to_slot_0(**procl_options):
+    """(strategy, model, W0 per factor) at ProCL's second task with the gates pinned so every input routes to slot 0."""
+    strategy = procl_strategy(protect_weight=0.0, **procl_options)
     model = strategy.build(tiny_llama())
     run_task(model, strategy, 0)
     strategy.before_task(model, 1)
     for router in memory._routers(model):
         router.gate_logits.data = torch.tensor([30.0, -30.0, -30.0, -30.0])
         router.gate_logits.requires_grad_(False)
-    w0 = {path: f.w0.clone() for path, f in memory.program_factors(model)}
+    return strategy, model, {path: f.w0.clone() for path, f in memory.program_factors(model)}
+
+
+def test_unrouted_slots_stay_untouched():
+    """Gates pinned so every input routes to slot 0: slots 1..3 of A (rank rows) and B (rank cols) keep W0."""
+    strategy, model, w0 = second_task_routed_to_slot_0()
     train_steps(model, strategy, 5, seed=11)
     strategy.after_task(model, 1, [])
     final = {f"{path}.{name}.default": getattr(layer, name)["default"].weight.detach() for path, layer in memory.lora_layers(model) for name in ("lora_A", "lora_B")}
@@ -192,14 +197,7 @@ def test_unrouted_slots_stay_untouched():
 def test_an_unrouted_factor_trains_as_plain_lora(routed):
     """Routing pinned to slot 0: the routed factor keeps slots 1..3 at W0; consolidation and the task-end
     fold leave the other factor exactly as its optimiser steps wrote it (every rank written)."""
-    strategy = procl_strategy(protect_weight=0.0, routed_factors=routed, consolidate_every=100)
-    model = strategy.build(tiny_llama())
-    run_task(model, strategy, 0)
-    strategy.before_task(model, 1)
-    for router in memory._routers(model):
-        router.gate_logits.data = torch.tensor([30.0, -30.0, -30.0, -30.0])
-        router.gate_logits.requires_grad_(False)
-    w0 = {path: f.w0.clone() for path, f in memory.program_factors(model)}
+    strategy, model, w0 = second_task_routed_to_slot_0(routed_factors=routed, consolidate_every=100)
     train_steps(model, strategy, 5, seed=11)
     trained = lora_weights(model)  # no consolidation yet: after_task consolidates the 5 steps and folds
     strategy.after_task(model, 1, [])
