@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
+from cl_table import mean_std  # noqa: E402
 from pipeline_overhead import run_bare  # noqa: E402
 
 from pipeline.chain import select_tasks  # noqa: E402
@@ -49,13 +49,6 @@ def resized_stream(out: Path, train: int, validation: int, test: int) -> Path:
     path = out / "stream.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
-
-
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
 def sorted_plasticity(task_slot_usage: list[dict[str, list[float]]]) -> list[list[float]]:
@@ -142,9 +135,9 @@ def main() -> None:
         }
     print(f"\n{'strategy':<10} {'runs':>4}  {'test AA':>15}  {'test LA':>15}  {'test BWT':>16}  {'forgetting':>15}  {'validation AA':>15}")
     for name, row in rows.items():
-        print(f"{name:<10} {row['runs']:>4}  {_mean_std(row['test_average_accuracy']):>15}  {_mean_std(row['test_learning_accuracy']):>15}  "
-              f"{_mean_std(row['test_backward_transfer']):>16}  "
-              f"{_mean_std(row['test_forgetting']):>15}  {_mean_std(row['validation_average_accuracy']):>15}")
+        print(f"{name:<10} {row['runs']:>4}  {mean_std(row['test_average_accuracy']):>15}  {mean_std(row['test_learning_accuracy']):>15}  "
+              f"{mean_std(row['test_backward_transfer']):>16}  "
+              f"{mean_std(row['test_forgetting']):>15}  {mean_std(row['validation_average_accuracy']):>15}")
     print(json.dumps({"benchmark": "cl_quality", "orders": args.orders, "seeds": args.seeds,
                       "sizes": {"train": args.train, "validation": args.validation, "test": args.test},
                       "overrides": args.overrides, "seconds": round(time.time() - started, 1), "per_strategy": rows}))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +24,11 @@ from procl import metrics  # noqa: E402
 LABELS = {"procl": "procl (residual, N 4)", "multitask": "multitask (upper bound)"}
 
 
-def _mean_std(values: list[float], signed: bool = False) -> str:
+def mean_std(values: list[float], signed: bool = False) -> str:
+    """"mean +- std" over the runs (NaN values skipped; "n/a" when none is left)."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
     mean = f"{statistics.mean(values):+.3f}" if signed else f"{statistics.mean(values):.3f}"
     return mean + (f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
@@ -42,8 +47,8 @@ def table(records: list[dict], split: str) -> str:
         cells = [f"{runs[c]['average_accuracy']:.3f} / {runs[c]['backward_transfer']:+.3f}" if c in runs else "" for c in columns]
         values = {m: [s[m] for s in runs.values()] for m in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting")}
         lines.append(f"| {LABELS.get(strategy, strategy)} | " + " | ".join(cells)
-                     + f" | {_mean_std(values['average_accuracy'])} ({len(runs)}) | {_mean_std(values['learning_accuracy'])}"
-                     + f" | {_mean_std(values['backward_transfer'], signed=True)} | {_mean_std(values['forgetting'])} |")
+                     + f" | {mean_std(values['average_accuracy'])} ({len(runs)}) | {mean_std(values['learning_accuracy'])}"
+                     + f" | {mean_std(values['backward_transfer'], signed=True)} | {mean_std(values['forgetting'])} |")
     return "\n".join(lines)
 
 
@@ -53,7 +58,7 @@ def matrices(records: list[dict], split: str) -> str:
     parts = []
     for r in sorted(records, key=lambda r: (r["strategy"], r["order"], r["seed"])):
         header = "| after | " + " | ".join(r["tasks"]) + " |"
-        rows = [" | ".join("" if v != v else f"{v:.3f}" for v in row) for row in r[key]]  # NaN: not seen yet
+        rows = [" | ".join("" if math.isnan(v) else f"{v:.3f}" for v in row) for row in r[key]]  # NaN: not seen yet
         labels = ["zero-shot", *r["tasks"]]
         parts.append(f"**{r['strategy']}, {r['order']} seed {r['seed']}** ({split})\n\n{header}\n" + "|---" * (len(r["tasks"]) + 1)
                      + "|\n" + "\n".join(f"| {label} | {row} |" for label, row in zip(labels, rows)))
