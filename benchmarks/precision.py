@@ -37,6 +37,8 @@ import torch  # noqa: E402
 
 from common import step_benchmark_parser, training_batch  # noqa: E402
 
+from pipeline.config import load_config  # noqa: E402
+from pipeline.hardware import cpu_name  # noqa: E402
 from pipeline.models import ModelSpec, load_model_and_tokenizer  # noqa: E402
 from pipeline.preprocess import keep_labeled_logits  # noqa: E402
 from procl import LoraSettings, make_strategy  # noqa: E402
@@ -108,14 +110,6 @@ class DeepSpeedVariant:
         return loss.item()
 
 
-def _cpu_name() -> str:
-    """The CPU model: bf16 speed-ups depend on it (AMX on Intel Sapphire Rapids, AVX512-BF16 only on AMD Zen 4)."""
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
 def main() -> None:
     args = step_benchmark_parser(__doc__, batch=4).parse_args()
     torch.set_num_threads(args.threads)
@@ -152,9 +146,15 @@ def main() -> None:
     for name in variants:
         print(f"{name:<31} {median[name]:>8.3f} {tokens / median[name]:>9.0f} {median['fp32'] / median[name]:>8.2f} "
               f"{late[name]:>10.4f} {losses[name][0]:>11.4f}")
+    # what the shipped configs' `auto` runs here (pipeline training always keeps answer-only logits)
+    auto = load_config(None)
+    auto_variant = "... + eager attention" if auto.on_device("cpu").deepspeed.bf16 else "fp32 + answer logits"
+    print(f"auto on this CPU: {auto_variant!r}, {median['fp32'] / median[auto_variant]:.2f}x fp32; {auto.precision_note()}")
     print(json.dumps({
-        "benchmark": "precision", "model": ModelSpec().name, "batch": args.batch, "length": args.length,
-        "answer_tokens": args.answer_tokens, "cpu": _cpu_name(),
+        "benchmark": "precision",
+        "auto_choice": auto.precision_note(), "auto_variant": auto_variant,
+        "auto_speedup_vs_fp32": round(median["fp32"] / median[auto_variant], 3), "model": ModelSpec().name, "batch": args.batch, "length": args.length,
+        "answer_tokens": args.answer_tokens, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": args.threads, "steps": steps,
         "tokens_per_second": {name: round(tokens / m, 1) for name, m in median.items()},
         "speedup_vs_fp32": {name: round(median["fp32"] / m, 3) for name, m in median.items()},

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,8 +24,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
+from pipeline.interrupts import wait_for
 from pipeline.manifest import Manifest, TaskRecord
+from pipeline.ray_workers import quiet_ray_logs, verbose, worker_log_env
+from pipeline.run_lock import RunFolderLock
 from pipeline.scoring import load_trained, model_to_score, score_tasks
 from pipeline.streams import Task, check_answers_tokenize, load_stream
 from procl import make_strategy, metrics
@@ -55,14 +59,14 @@ def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], 
     import torch
 
     torch.set_num_threads(threads)
-    config = RunConfig.model_validate(config_data)
+    config = RunConfig.model_validate(config_data).on_device("cpu")
     model, tokenizer = model_to_score(config, read_state(state_dir) if state_dir is not None else None)
     return score_tasks(model, tokenizer, tasks, config)
 
 
 def export_state(config_data: dict, state_dir: str, out_dir: str) -> str:
     """Write a state folder's consolidated adapter as a plain peft LoRA adapter; returns its folder."""
-    config = RunConfig.model_validate(config_data)
+    config = RunConfig.model_validate(config_data).on_device("cpu")
     model, _, strategy = load_trained(config, read_state(state_dir))
     return str(strategy.export(model, out_dir))
 
@@ -76,10 +80,14 @@ def select_tasks(config: RunConfig) -> list[Task]:
 
 
 def init_ray(config: RunConfig) -> None:
+    import signal
+
     import ray
 
     if ray.is_initialized():
         return
+    # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; the CLI's clean stop must stay
+    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     # no address: a fresh local Ray for this chain (never an unrelated cluster that happens to run on
     # the machine), without a dashboard; inside `ray job submit`, ray.address=auto joins the cluster
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
@@ -94,10 +102,12 @@ def init_ray(config: RunConfig) -> None:
             # Not on GPU, where an idle worker would keep its CUDA context and cached memory.
             system_config["num_workers_soft_limit"] = (config.ray.num_cpus or os.cpu_count() or 1) + EXTRA_WORKERS_KEPT
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_placement_group_cleaner"},
+                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_ray_logs", "env_vars": worker_log_env()},
                  _system_config=system_config)
     else:
         ray.init(address=config.ray.address)
+    if sigterm is not None:
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def steps_per_task(config: RunConfig, task: Task) -> int:
@@ -122,7 +132,6 @@ def _task_datasets(config: RunConfig, examples: list) -> list:
 def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None) -> Iterator[dict]:
     """Train the planned (task index, training examples) in order in one Ray Train fit(); yields each task's
     results (`pipeline.task_results.TaskResults`) as soon as its worker group reports them."""
-    import threading
     import uuid
     from queue import Empty
 
@@ -135,9 +144,12 @@ def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, lis
     from pipeline.task_results import TaskResults
     from pipeline.train_worker import train_chain
 
-    # per-task datasets are small: Ray Data's progress bars would drown the chain's own progress lines
-    # (set here, not in init_ray, which a Tune trial's chain skips: Ray is already up there)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # per-task datasets are small: Ray Data's progress bars and per-dataset lines would drown the chain's own
+    # progress lines (set here, not in init_ray, which a Tune trial's chain skips: Ray is already up there)
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = verbose()
+    quiet_ray_logs()  # in the driver too, where the datasets are tokenized
     entries = [{
         "index": index,
         "label": f"task {index + 1}/{len(tasks)} {tasks[index].name}",
@@ -261,21 +273,28 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
     and `on_task_done(record, manifest)` is called after each task, also for tasks a resumed chain skips
     (a Tune trial reports its objective there).
     """
+    run_dir = config.run_dir()
+    tasks = select_tasks(config)  # data problems fail here, before anything is written or started
+    check_answers_tokenize(tasks, _tokenizer_factory(config)())
+    _check_writable(run_dir)
+    with RunFolderLock(run_dir):  # one driver per chain, from its first read of the manifest to its end
+        return _drive_chain(config, tasks, config_file, parent_run_id, tags, on_task_done)
+
+
+def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None, parent_run_id: str | None,
+                 tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
     import ray
 
     from pipeline.tracking import ChainTracker, default_tracking_uri
 
     run_dir = config.run_dir()
-    tasks = select_tasks(config)  # data problems fail here, before anything is written or started
-    check_answers_tokenize(tasks, _tokenizer_factory(config)())
-    names = [task.name for task in tasks]
-    _check_writable(run_dir)
-    manifest = Manifest.open(run_dir, config.fingerprint(), names)
+    manifest = Manifest.open(run_dir, config.fingerprint(), [task.name for task in tasks])
     # one default store for every chain under output_dir, so strategies compare side by side in one UI
     store_dir = run_dir.parent
     tracking_uri = config.tracking.uri or default_tracking_uri(store_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
+    print(config.precision_note())
     init_ray(config)
     config_data = config.model_dump(mode="json")
     task_cpus = _task_cpus(config)
@@ -290,7 +309,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
         if manifest.zero_shot is None:
             console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
             started = time.monotonic()
-            manifest.zero_shot = ray.get(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
+            manifest.zero_shot = wait_for(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
             manifest.zero_shot_seconds = time.monotonic() - started
             manifest.save(run_dir)
         for index in range(len(tasks)):
@@ -332,7 +351,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
         elif manifest.adapter_dir is None:
             # the consolidated adapter as a plain peft LoRA, and the finished manifest, on the chain's run
             adapter = run_dir / "adapter"
-            manifest.adapter_dir = ray.get(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
+            manifest.adapter_dir = wait_for(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
             tracker.log_artifacts({"adapter": adapter, "manifest": manifest.save(run_dir)})
         share = manifest.evaluation_share()
         if not math.isnan(share):
@@ -350,7 +369,7 @@ def _check_writable(run_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
             pass
     except OSError as error:
-        raise RuntimeError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
+        raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
 
 
 def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: RunConfig) -> str:

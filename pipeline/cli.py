@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import ConfigError, RunConfig, load_config
+from pipeline.config import RunConfig, load_config
+from pipeline.interrupts import as_stopped, stop_on_signals
+from pipeline.ray_workers import VERBOSE_ENV
 
 console = Console()
 
@@ -35,6 +39,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="run config YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set strategy.name=seq_lora (repeatable)")
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's routine log lines (per report, per dataset)")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +74,9 @@ def plan(config: RunConfig) -> dict:
     tasks = select_tasks(config)
     check_answers_tokenize(tasks, load_tokenizer(config.model))  # the model spec and answer words, as `run` checks them
     tokens_per_step = config.training.batch_size * config.training.gradient_accumulation * config.training.max_length / 2
-    train_rate = SECONDS_PER_TRAIN_TOKEN["bfloat16" if config.deepspeed.bf16 else "float32"]
-    eval_rate = SECONDS_PER_EVAL_TOKEN["bfloat16" if config.scores_in_bf16() else "float32"]
+    settled = config.on_device("cpu")  # the estimate is for a CPU
+    train_rate = SECONDS_PER_TRAIN_TOKEN["bfloat16" if settled.deepspeed.bf16 else "float32"]
+    eval_rate = SECONDS_PER_EVAL_TOKEN["bfloat16" if settled.evaluation.bf16 else "float32"]
     rows = []
     for index, task in enumerate(tasks):
         sizes = {split: len(records) for split, records in task.splits.items()}
@@ -87,6 +94,7 @@ def plan(config: RunConfig) -> dict:
         "workers": config.scaling.num_workers,
         "resources_per_worker": config.scaling.worker_resources(),
         "zero_stage": config.deepspeed.zero_stage,
+        "precision": config.precision_note(),
         "tasks": rows,
         "estimated_minutes_cpu": round((CHAIN_START_UP_S + zero_shot + sum(TASK_START_UP_S + r["train_s"] + r["eval_s"] for r in rows)) / 60, 1),
     }
@@ -100,6 +108,7 @@ def _print_plan(summary: dict) -> None:
         sizes = row["sizes"]
         table.add_row(str(index), row["task"], str(sizes["train"]), str(sizes["validation"]), str(sizes["test"]), str(row["answers"]), str(row["steps"]))
     console.print(table)
+    print(summary["precision"])
     console.print(f"workers: {summary['workers']} x {summary['resources_per_worker']}, ZeRO stage {summary['zero_stage']}; "
                   f"run folder {summary['run_dir']}")
     console.print(f"estimated time on a 2-core CPU (rough, including ~{CHAIN_START_UP_S:.0f} s of Ray Train start-up and "
@@ -108,46 +117,70 @@ def _print_plan(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 a runtime failure (a task that failed, a full disk), 2 a usage or input error
+    (config, stream, data, model, run folder, store), 130 / 143 stopped by SIGINT / SIGTERM."""
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # the chain's Ray workers read it too
     try:
-        config = load_config(args.config, args.overrides)
-        if args.command == "plan":
-            summary = plan(config)
-            _print_plan(summary)
-            print(json.dumps(summary))
-        elif args.command == "run":
-            from pipeline.chain import run_chain
-
-            result = run_chain(config, args.config)
-            console.print(f"[bold green]chain finished[/]: final average accuracy {result.summary['average_accuracy']:.3f}, "
-                          f"BWT {result.summary['backward_transfer']:+.3f}, forgetting {result.summary['forgetting']:.3f}")
-            # plain prints: paths and commands must not be wrapped by the console width
-            if result.adapter_dir is not None:
-                print(f"adapter (plain peft LoRA): {result.adapter_dir}")
-            print(f"MLflow store: {result.tracking_uri}")
-            print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
-        elif args.command == "tune":
-            from pipeline.tune import run_sweep
-
-            sweep = run_sweep(config, args.config, args.space, args.trials, args.name, args.max_concurrent, args.seed)
-            console.print(f"[bold green]sweep finished[/]: {sweep.trials} trials, best {sweep.best_trial} "
-                          f"(validation objective {sweep.best_objective:.3f}) with {sweep.best_values}")
-            print(f"best config: {sweep.best_config}")
-            print(f"run it: python -m pipeline run {sweep.best_config}")
-            print(f"open the UI: mlflow ui --backend-store-uri {sweep.tracking_uri} --host 127.0.0.1")
-        elif args.command == "eval":
-            from pipeline.chain import evaluate_state, select_tasks
-
-            scores = evaluate_state(config.model_dump(mode="json"), str(args.checkpoint), select_tasks(config), threads=2)
-            print(json.dumps(scores))
-        elif args.command == "export":
-            from pipeline.chain import export_state
-
-            console.print(f"adapter written to {export_state(config.model_dump(mode='json'), str(args.checkpoint), str(args.out))}")
-    except (ConfigError, ValueError, OSError, RuntimeError) as error:  # OSError: unreadable input, disk full, ...
+        with stop_on_signals():
+            _command(args)
+    except KeyboardInterrupt as interrupt:
+        stop = as_stopped(interrupt)
+        print(f"stopped by {stop}: the chain's MLflow run is marked KILLED; run the same command to resume", file=sys.stderr)
+        _end_ray()
+        return stop.exit_code
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
         print(f"error: {error}", file=sys.stderr)  # plain and unwrapped: scripts and logs read it
-        return 2
+        return 2 if isinstance(error, ValueError) else 1  # input problems are ValueErrors (ConfigError, StreamError, ...)
     return 0
+
+
+def _end_ray() -> None:
+    """End the Ray workers this driver started (a local Ray ends whole; on a cluster, this job's actors end with it)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _command(args: argparse.Namespace) -> None:
+    config = load_config(args.config, args.overrides)
+    if args.command == "plan":
+        summary = plan(config)
+        _print_plan(summary)
+        print(json.dumps(summary))
+    elif args.command == "run":
+        from pipeline.chain import run_chain
+
+        result = run_chain(config, args.config)
+        console.print(f"[bold green]chain finished[/]: final average accuracy {result.summary['average_accuracy']:.3f}, "
+                      f"BWT {result.summary['backward_transfer']:+.3f}, forgetting {result.summary['forgetting']:.3f}")
+        # plain prints: paths and commands must not be wrapped by the console width
+        if result.adapter_dir is not None:
+            print(f"adapter (plain peft LoRA): {result.adapter_dir}")
+        print(f"MLflow store: {result.tracking_uri}")
+        print(f"open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --host 127.0.0.1")
+    elif args.command == "tune":
+        from pipeline.tune import run_sweep
+
+        sweep = run_sweep(config, args.config, args.space, args.trials, args.name, args.max_concurrent, args.seed)
+        console.print(f"[bold green]sweep finished[/]: {sweep.trials} trials, best {sweep.best_trial} "
+                      f"(validation objective {sweep.best_objective:.3f}) with {sweep.best_values}")
+        print(f"best config: {sweep.best_config}")
+        print(f"run it: python -m pipeline run {sweep.best_config}")
+        print(f"open the UI: mlflow ui --backend-store-uri {sweep.tracking_uri} --host 127.0.0.1")
+    elif args.command == "eval":
+        from pipeline.chain import evaluate_state, select_tasks
+
+        scores = evaluate_state(config.model_dump(mode="json"), str(args.checkpoint), select_tasks(config), threads=2)
+        print(json.dumps(scores))
+    elif args.command == "export":
+        from pipeline.chain import export_state
+
+        console.print(f"adapter written to {export_state(config.model_dump(mode='json'), str(args.checkpoint), str(args.out))}")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.hardware import bf16_support
 from pipeline.models import ModelSpec
 from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import LoraSettings, ProCLConfig
@@ -71,7 +73,8 @@ class TrainingConfig(_Strict):
 class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
-    bf16: bool = Field(False, description="DeepSpeed bf16 (with fp32 master weights); CPU supports it too")
+    bf16: bool | None = Field(None, description="DeepSpeed bf16 (with fp32 master weights); None: as model.dtype settles "
+                                               "('auto': bf16 where the device computes it natively)")
 
 
 class ScalingConfig(_Strict):
@@ -100,7 +103,7 @@ class ScalingConfig(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(16, gt=0, description="generation tasks")
-    bf16: bool | None = Field(None, description="score under bf16 autocast (benchmarks/eval_precision.py); None: as deepspeed.bf16")
+    bf16: bool | None = Field(None, description="score under bf16 autocast (benchmarks/eval_precision.py); None: as training")
 
 
 class TrackingConfig(_Strict):
@@ -144,9 +147,39 @@ class RunConfig(_Strict):
         it is scored unmerged and its chain ends without a peft adapter export."""
         return not (self.strategy.name == "procl" and self.strategy.procl.reference_mlp)
 
+    def on_device(self, device: torch.device | str) -> RunConfig:
+        """This config with every precision setting settled for `device` (see `pipeline.hardware`): model.dtype
+        'auto' is bf16 where bf16 is native, deepspeed.bf16 None follows it, evaluation.bf16 None follows
+        training, and model.attn_implementation 'auto' is eager where a CPU computes in bf16."""
+        dtype = self.model.on_device(device).dtype
+        train_bf16 = dtype == "bfloat16" if self.deepspeed.bf16 is None else self.deepspeed.bf16
+        score_bf16 = train_bf16 if self.evaluation.bf16 is None else self.evaluation.bf16
+        model = self.model.model_copy(update={"dtype": dtype}).on_device(device, bf16_compute=train_bf16 or score_bf16)
+        return self.model_copy(update={
+            "model": model,
+            "deepspeed": self.deepspeed.model_copy(update={"bf16": train_bf16}),
+            "evaluation": self.evaluation.model_copy(update={"bf16": score_bf16}),
+        })
+
     def scores_in_bf16(self) -> bool:
-        """Evaluation under bf16 autocast: `evaluation.bf16`, or as training does (`deepspeed.bf16`)."""
-        return self.deepspeed.bf16 if self.evaluation.bf16 is None else self.evaluation.bf16
+        """Evaluation under bf16 autocast (on the CPU unless the config was settled for another device)."""
+        return bool(self.on_device("cpu").evaluation.bf16)
+
+    def precision_note(self) -> str:
+        """One line: the precision this config trains and scores with, and why (workers settle it on their own
+        device; on a driver without the workers' GPUs it can only say how they will)."""
+        if self.scaling.use_gpu and not torch.cuda.is_available():
+            return ("precision: settled on each GPU worker (model.dtype auto: bf16 where the GPU supports it)"
+                    if self.model.dtype == "auto" else f"precision: weights {self.model.dtype} (as configured)")
+        device = "cuda" if self.scaling.use_gpu else "cpu"
+        settled = self.on_device(device)
+        train = "bf16 (DeepSpeed, fp32 master weights)" if settled.deepspeed.bf16 else "fp32"
+        score = "bf16 autocast" if settled.evaluation.bf16 else "fp32"
+        attention = settled.model.attn_implementation or "the model's default (sdpa)"
+        auto = self.model.dtype == "auto" and self.deepspeed.bf16 is None
+        because = f"auto: {bf16_support(device).why}" if auto else "as configured"
+        return (f"precision: weights {settled.model.dtype}, training {train}, scoring {score}, "
+                f"attention {attention} ({because})")
 
     def fingerprint(self) -> str:
         """What must not change when a chain is resumed: everything but where and how it runs."""

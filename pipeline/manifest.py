@@ -19,7 +19,7 @@ from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 MANIFEST = "manifest.json"
 
 
-class ManifestError(RuntimeError):
+class ManifestError(ValueError):
     """The run folder's manifest or a checkpoint it lists is unusable; the message says which and why."""
 
 

@@ -46,6 +46,7 @@ from transformers import (
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from pipeline.hardware import bf16_support
 from procl.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -74,24 +75,40 @@ class ModelSpec(BaseModel):
         min_length=1,
         description="'smollm2-135m' (embedded), 'tiny-llama' / 'tiny-gpt2' (tests), a model folder, or a hub id.",
     )
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="'auto': bfloat16 where the device computes bf16 natively (pipeline.hardware), else float32"
+    )
     trust_remote_code: bool = Field(False, description="Run model code shipped with a folder or hub repository.")
     allow_download: bool = Field(
         False, description="Hub ids load only when true; otherwise the hub is never contacted."
     )
-    attn_implementation: Literal["sdpa", "eager"] | None = Field(
-        None,
-        description="transformers' attention kernel; None keeps the model's default (sdpa). On CPUs without AMX, "
-        "bf16 sdpa runs slower than fp32 and 'eager' is faster (benchmarks/precision.py).",
+    attn_implementation: Literal["auto", "sdpa", "eager"] | None = Field(
+        "auto",
+        description="transformers' attention kernel; None keeps the model's default (sdpa); 'auto': eager where a CPU "
+        "computes in bf16 (torch's fused sdpa ran 2x slower than eager in bf16 there, benchmarks/precision.py), else the default",
     )
+
+    def on_device(self, device: torch.device | str, bf16_compute: bool | None = None) -> ModelSpec:
+        """This spec with its `auto` settings settled for `device`. `bf16_compute`: whether the model computes
+        in bf16 (DeepSpeed bf16 or autocast) whatever its weights' dtype; None: as its dtype."""
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if bf16_support(device).native else "float32"
+        attention = self.attn_implementation
+        if attention == "auto":
+            in_bf16 = dtype == "bfloat16" if bf16_compute is None else bf16_compute
+            attention = "eager" if in_bf16 and torch.device(device).type == "cpu" else None
+        return self.model_copy(update={"dtype": dtype, "attn_implementation": attention})
 
 
 def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model (eval mode, `spec.dtype`) and its tokenizer, ready for training.
 
     The tokenizer is prepared as by `load_tokenizer` (right padding, eos as pad if it has no pad
-    token); `model.config.pad_token_id` matches its pad token.
+    token); `model.config.pad_token_id` matches its pad token. The model loads on the CPU: `auto`
+    settings are settled for it unless the caller settled them (`ModelSpec.on_device`).
     """
+    spec = spec.on_device("cpu")
     dtype = getattr(torch, spec.dtype)
     if spec.name in TINY_MODELS:
         tokenizer = _tiny_tokenizer(spec.name)

@@ -83,6 +83,10 @@ class TrackingError(RuntimeError):
     """The MLflow store cannot be used, or a resumed run disagrees with what is being logged."""
 
 
+class StoreUnusable(TrackingError, ValueError):
+    """The store fails its checks before the chain starts: a setting to fix (the CLI's exit status 2)."""
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     """``sqlite:////<abs run_dir>/mlflow.db``: MLflow 3's recommended local store (the file store is refused)."""
     return f"sqlite:///{(Path(run_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
@@ -243,7 +247,7 @@ class ChainTracker:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise TrackingError(f"cannot create the run folder {self.run_dir} for MLflow at {self._safe_uri}: {_cause(exc)}") from exc
+            raise StoreUnusable(f"cannot create the run folder {self.run_dir} for MLflow at {self._safe_uri}: {_cause(exc)}") from exc
         self._preflight()
         with self._store_errors("opening the store and its experiment"):
             self._client = MlflowClient(tracking_uri)
@@ -262,10 +266,10 @@ class ChainTracker:
             # MLflow 3 creates a missing folder for the db silently, so a mistyped path would start a
             # fresh, empty store somewhere else (anywhere at all when running as root).
             if not db.parent.is_dir():
-                raise TrackingError(f"MLflow store {self._safe_uri} is not usable: its folder {db.parent} does not exist")
+                raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: its folder {db.parent} does not exist")
             # sqlite writes its journal next to the db, so the folder itself must be writable
             if not os.access(db.parent, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.R_OK | os.W_OK)):
-                raise TrackingError(f"MLflow store {self._safe_uri} is not usable: {db} or its folder is not writable")
+                raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: {db} or its folder is not writable")
             if db.exists():
                 self._probe_sqlite(db)
         elif scheme in ("http", "https"):
@@ -273,7 +277,7 @@ class ChainTracker:
                 # MLflow's own HTTP client (its auth, TLS and proxy settings) without its retries
                 http_request(get_default_host_creds(self.tracking_uri), "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S)
             except Exception as exc:
-                raise TrackingError(
+                raise StoreUnusable(
                     f"MLflow tracking server {self._safe_uri} is not reachable within {PROBE_TIMEOUT_S} s: {_cause(exc)}"
                 ) from exc
 
@@ -286,7 +290,7 @@ class ChainTracker:
                 connection.execute("SELECT count(*) FROM sqlite_master")
                 connection.execute("ROLLBACK")
         except sqlite3.Error as exc:
-            raise TrackingError(f"MLflow store {self._safe_uri} is not usable: {_cause(exc)}") from exc
+            raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: {_cause(exc)}") from exc
 
     def _artifact_location(self) -> str | None:
         # A server chooses (and may proxy) artifact storage itself; local stores keep artifacts in the run

@@ -200,11 +200,13 @@ def train_chain(loop_config: dict[str, Any]) -> None:
     """Train the planned tasks in order, each from the state the previous one ended with; after each, score
     every task seen so far (sharded over the ranks) and report the task's checkpoint with its scores."""
     import ray.train
+    import ray.train.torch
 
     config = RunConfig.model_validate(loop_config["config"])
     deepspeed = _init_deepspeed(config.scaling.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    config = settle_precision(config, ray.train.torch.get_device(), rank)
     plan: list[dict[str, Any]] = loop_config["plan"]
     position, state, progress, optimizer_state = _resume_point(plan, loop_config["fit_id"], rank, loop_config["previous_state"])
 
@@ -279,6 +281,18 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         # the driver times the whole task (start-up and data included) and takes training as the rest
         _report(state, progress, final, result={"scores": scores, "seconds": {"evaluate": time.monotonic() - trained}})
         progress, optimizer_state = None, None
+
+
+def settle_precision(config: RunConfig, device: torch.device, rank: int) -> RunConfig:
+    """The config with its precision settled for rank 0's device and shared with every rank: DeepSpeed
+    needs all ranks in one precision, whatever hardware each landed on."""
+    import torch.distributed as dist
+
+    settled = [config.on_device(device).model_dump(mode="json") if rank == 0 else None]
+    dist.broadcast_object_list(settled, src=0)
+    if rank == 0 and device.type != "cpu":  # a CPU chain's driver has said it already
+        console.info(config.precision_note())
+    return RunConfig.model_validate(settled[0])
 
 
 def _score(config: RunConfig, state: tuple[dict, dict], tasks: list, rank: int, world_size: int) -> dict[str, dict[str, float]]:

@@ -119,7 +119,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("model-not-causal", "model of the wrong architecture", _model_folder({"model_type": "bert", "architectures": ["BertModel"]}),
      "has architecture BertModel, which is not a causal language model"),
     ("model-hub-id", "hub id while downloads are off", _with_config("--set", "model.name=HuggingFaceTB/SmolLM2-135M"), "is neither a bundled model"),
-    ("model-dtype", "dtype that is not supported", _with_config("--set", "model.dtype=float16"), "model.dtype: Input should be 'float32' or 'bfloat16'"),
+    ("model-dtype", "dtype that is not supported", _with_config("--set", "model.dtype=float16"), "model.dtype: Input should be 'auto', 'float32' or 'bfloat16'"),
     ("mlflow-folder", "MLflow sqlite store in a folder that does not exist",
      lambda tmp: ["run", str(_config(tmp)), "--set", f"tracking.uri=sqlite:///{tmp}/no/such/mlflow.db"], "is not usable: its folder"),
     ("mlflow-unreachable", "MLflow server that does not answer", _with_config("--set", "tracking.uri=http://127.0.0.1:9", command="run"),

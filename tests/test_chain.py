@@ -113,6 +113,9 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     assert "chain finished" in result.stdout and "mlflow ui --backend-store-uri" in result.stdout
     # Ray Train's placement-group cleaner cannot reach the State API without a dashboard: quieted, not spammed
     assert "State API may be temporarily unavailable" not in result.stdout + result.stderr
+    # Ray's routine lines (one per report of every rank, one per dataset) are filtered without --verbose
+    assert "Reporting training result" not in result.stdout + result.stderr
+    assert "execution finished in" not in result.stdout + result.stderr
     # the workers' progress lines reach the console, each once (print() inside Ray Train doubled them)
     progress = [line for line in (result.stdout + result.stderr).splitlines() if "] step " in line]
     assert progress and len(progress) == len(set(progress)), progress
@@ -153,6 +156,8 @@ def test_a_resubmitted_chain_skips_tasks_a_killed_driver_finished(tmp_path):
     result = run_cli("run", str(config))
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     assert "task 1/3 amazon: finished earlier, skipped" in result.stdout
+    # the killed driver's lock died with it; its owner file is what it left, and the takeover is said
+    assert "took over" in result.stderr and "from a driver that is no longer running" in result.stderr
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc", "yahoo"]
     assert manifest["tasks"][0]["tensors_sha256"] == first["tensors_sha256"]  # not retrained

@@ -41,6 +41,6 @@ def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkey
         seen_dtypes.clear()
         scores[bf16] = score_tasks(model, tokenizer, yahoo, config)
         assert set(seen_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
-    assert load_config(None, []).scores_in_bf16() is False  # fp32 training scores in fp32
+    assert load_config(None, ["model.dtype=float32"]).scores_in_bf16() is False  # fp32 training scores in fp32
     for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of these 48 answers equal (demo adapter)
         assert abs(scores[True][split]["yahoo"] - scores[False][split]["yahoo"]) <= 2 / 16 + 1e-9

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import free_port
 from test_chain import write_config
@@ -20,19 +24,38 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A local head bound to 127.0.0.1 with token auth explicitly off (the same setting for clients)."""
+    """A local head bound to 127.0.0.1 with token auth explicitly off (the same setting for clients).
+
+    Started with --block and ended by ending its own processes: `ray stop` would end every Ray on the
+    machine, the chains other tests run at the same time included."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
     dashboard = free_port()
-    start = subprocess.run(
-        [RAY, "start", "--head", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    assert start.returncode == 0, start.stderr[-3000:]
     try:
+        deadline = time.monotonic() + 180
+        while True:  # the job server answers once the head is up
+            assert head.poll() is None, "ray start --head ended"
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{dashboard}/api/version", timeout=5)
+                break
+            assert time.monotonic() < deadline, "the head's dashboard did not answer within 180 s"
+            time.sleep(1)
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(head.pid)
+            processes = [root, *root.children(recursive=True)]
+            for process in processes:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.terminate()
+            for process in psutil.wait_procs(processes, timeout=30)[1]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+        head.wait()
 
 
 def test_ray_job_submit_runs_the_chain(ray_head, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.cli import main, plan
 from pipeline.config import ConfigError, load_config
+from pipeline.hardware import bf16_support
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,12 @@ def test_cli_rejects_a_bad_config_before_starting_ray(capsys):
 def test_python_m_pipeline_plan_and_help_work_from_a_shell():
     out = subprocess.run([sys.executable, "-m", "pipeline", "plan", "configs/demo.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["strategy"] == "procl"
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["strategy"] == "procl"
+    # the precision auto chose on this machine, and why, as a line of its own
+    expected = "training bf16" if bf16_support("cpu").native else "training fp32"
+    assert summary["precision"].startswith("precision: ") and expected in summary["precision"]
+    assert summary["precision"] in out.stdout.splitlines()
     for command in ("run", "plan", "eval", "export"):
         help_text = subprocess.run([sys.executable, "-m", "pipeline", command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert help_text.returncode == 0 and "--set" in help_text.stdout
@@ -95,3 +101,20 @@ def test_bad_stream_data_fails_before_anything_is_written(tmp_path, capsys):
     assert code == 2
     assert "missing.yaml: file not found" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no run folder, no MLflow store
+
+
+@pytest.mark.parametrize(("error", "code"), [(RuntimeError("task bbc: training failed"), 1), (OSError(28, "No space left on device"), 1),
+                                             (ConfigError("c.yaml: training.lr: bad"), 2)])
+def test_runtime_failures_exit_1_input_errors_2_and_debug_shows_the_traceback(monkeypatch, capsys, error, code):
+    import pipeline.cli as cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_command", fail)
+    assert main(["plan", str(ROOT / "configs" / "demo.yaml")]) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"error: {error}"]  # one line, no traceback
+    assert main(["plan", str(ROOT / "configs" / "demo.yaml"), "--debug"]) == code
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and err.strip().endswith(f"error: {error}")
