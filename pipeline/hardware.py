@@ -24,26 +24,24 @@ class Bf16Support:
 
 
 @cache
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo (benchmarks record it: speed-ups depend on it)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of `field` for the first CPU in /proc/cpuinfo (None where there is no such file or field)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return "unknown CPU"
+    return None
 
 
-@cache
+def cpu_name() -> str:
+    """The CPU's model name (benchmarks record it: speed-ups depend on it)."""
+    return _cpuinfo("model name") or "unknown CPU"
+
+
 def _cpu_flags() -> frozenset[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 def cpu_bf16_features() -> list[str]:

@@ -1,7 +1,7 @@
 """A clean stop of the driver on SIGINT or SIGTERM.
 
-Both signals raise `Stopped` (`as_stopped`: or a bare KeyboardInterrupt from inside Ray) in the driver's main thread, wherever it is (Ray start, zero-shot, training,
-scoring, logging, export). It is a KeyboardInterrupt, so the chain's MLflow runs end KILLED on the way out
+Both signals raise `Stopped` in the driver's main thread, wherever it is (Ray start, zero-shot, training,
+scoring, logging, export), or a bare KeyboardInterrupt from inside Ray's native waits (`as_stopped`). It is a KeyboardInterrupt, so the chain's MLflow runs end KILLED on the way out
 (`pipeline.tracking.ChainTracker`); the manifest and checkpoints are written atomically, so the same
 command resumes. The driver's blocking waits poll (`wait_for`), so a signal is acted on within a second.
 """
@@ -50,6 +50,7 @@ def as_stopped(interrupt: KeyboardInterrupt) -> Stopped:
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into `Stopped` in this (main) thread; the previous handlers come back after."""
+    _received.clear()  # a stop of an earlier command in this process is not this one's
     previous = {signum: signal.signal(signum, _raise_stopped) for signum in STOP_SIGNALS}
     try:
         yield
