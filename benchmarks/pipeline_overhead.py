@@ -11,17 +11,17 @@ seen so far, after each task, plus the zero-shot row and the adapter export).
 
 - pipeline: `pipeline.chain.run_chain` as `python -m pipeline run` does it, in a fresh local Ray
   (one Ray Train worker group of 2 workers x 1 CPU for the whole chain, gloo, DeepSpeed, scoring
-  sharded over the workers; zero-shot row and export in Ray tasks) with MLflow.
+  sharded over the workers, zero-shot row and export in the same worker group) with MLflow.
 - bare: one process, torch threads = num_workers x cpus_per_worker (2 here), model loaded once;
   per task the same tokenisation (`TokenizeBatch`), each optimizer step over num_workers micro-batches
   of batch_size rows (gradients averaged: the data-parallel gradient), torch AdamW, the hooks, then
   scoring a merged copy of the model (what the pipeline's evaluation task scores).
 
 Where the pipeline's time goes is measured without touching the pipeline: the benchmark wraps
-driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, the zero-shot/export Ray tasks,
-MLflow logging) and, inside the Ray Train workers and Ray tasks (wrappers shipped with the job),
-DeepSpeed init_distributed, each task's model load, deepspeed.initialize, the waits for batches,
-after_task, scoring and reports. A task's pipeline time is the driver's: from the previous task's
+driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, MLflow logging) and, inside the
+Ray Train workers (wrappers shipped with the job), DeepSpeed init_distributed, the zero-shot scoring,
+each task's model load, deepspeed.initialize, the waits for batches, after_task, scoring and reports,
+and the export. A task's pipeline time is the driver's: from the previous task's
 results (the start of training for the first) to this task's. Prints tables, then one JSON line (the last line).
 """
 
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 QUICK = ["stream.max_tasks=2", "model.name=tiny-llama"]
 
 
-# -- instrumentation shipped into Ray Train workers and Ray tasks (pickled by value) -----------------
+# -- instrumentation shipped into Ray Train workers (pickled by value) ---------------------------------
 
 
 def _append(log_path: str, record: dict) -> None:
@@ -58,7 +58,7 @@ def _append(log_path: str, record: dict) -> None:
 def make_timed_train_chain(log_path: str):
     """The pipeline's `train_chain`, with timed calls written to `log_path` (one JSON line per rank):
     [name, task index, start, seconds] for the model load, deepspeed.initialize, batch waits, after_task,
-    scoring and reports of every task, and the loop's entry and exit."""
+    scoring and reports of every task (task None: the zero-shot row), the export, and the loop's entry and exit."""
 
     def timed_train_chain(loop_config):
         import time
@@ -81,7 +81,8 @@ def make_timed_train_chain(log_path: str):
                     calls.append([name, current["task"], start, time.time() - start])
             return inner
 
-        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report", "_score")}
+        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report", "_score",
+                                                        "_report_export")}
 
         def init_deepspeed(use_gpu):
             deepspeed = timed("init_distributed", original["_init_deepspeed"])(use_gpu)
@@ -125,6 +126,12 @@ def make_timed_train_chain(log_path: str):
         tw.make_strategy = make_strategy
         tw._report = timed("report", original["_report"])
         tw._score = timed("score", original["_score"])
+
+        def report_export(*args, **kwargs):
+            current["task"] = "export"
+            return timed("export", original["_report_export"])(*args, **kwargs)
+
+        tw._report_export = report_export
         load_trained = scoring.load_trained
         scoring.load_trained = timed("score_model_load", load_trained)
         try:
@@ -140,37 +147,6 @@ def make_timed_train_chain(log_path: str):
             _append(log_path, {"kind": "train_worker", "rank": rank, "pid": os.getpid(), "calls": calls, **marks})
 
     return timed_train_chain
-
-
-def make_timed_task(fn_name: str, call_id: int, log_path: str):
-    """`pipeline.chain.<fn_name>` (evaluate_state / export_state) with its model-load time logged."""
-
-    def timed_task(*args):
-        import time
-
-        import pipeline.chain as chain
-        import pipeline.scoring as scoring
-
-        marks = {"entry": time.time()}
-        load = scoring.load_trained
-
-        def timed_load(*a, **k):
-            start = time.time()
-            try:
-                return load(*a, **k)
-            finally:
-                marks["model_load_s"] = time.time() - start
-
-        chain.load_trained = scoring.load_trained = timed_load
-        try:
-            return getattr(chain, fn_name)(*args)
-        finally:
-            chain.load_trained = scoring.load_trained = load
-            marks.update(exit=time.time(), pid=os.getpid())
-            _append(log_path, {"kind": "ray_task", "call_id": call_id, "fn": fn_name, **marks})
-
-    timed_task.__name__ = timed_task.__qualname__ = fn_name
-    return timed_task
 
 
 # -- the pipeline side ---------------------------------------------------------------------------------
@@ -205,32 +181,16 @@ def run_pipeline(config, log_path: str) -> dict:
     import pipeline.tracking as tracking
 
     rec = Recorder(log_path)
-    saved = [(chain, "init_ray"), (chain, "_remote"), (preprocess, "tokenized_dataset"), (train_worker, "train_chain"),
+    saved = [(chain, "init_ray"), (preprocess, "tokenized_dataset"), (train_worker, "train_chain"),
              (TorchTrainer, "fit"), (tracking.ChainTracker, "log_task"), (tracking.ChainTracker, "start")]
     saved = [(owner, name, getattr(owner, name)) for owner, name in saved]
     originals = {name: fn for _, name, fn in saved}
-    calls = iter(range(1_000_000))
-
-    def remote(fn, config, cpus):
-        call_id = next(calls)
-        task = originals["_remote"](make_timed_task(fn.__name__, call_id, log_path), config, cpus)
-
-        class Submit:  # times submission -> result in the driver; run_chain then ray.get()s a ready ref
-            def remote(self, *args):
-                start = time.time()
-                result = ray.get(task.remote(*args))
-                rec.events.append({"kind": "ray_task", "fn": fn.__name__, "call_id": call_id, "task": rec.task,
-                                   "start": start, "end": time.time(), "cpus": cpus})
-                return ray.put(result)
-
-        return Submit()
 
     def log_task(tracker, index, *args, **kwargs):
         rec.task = index
         return rec.wrap("mlflow_log_task", originals["log_task"])(tracker, index, *args, **kwargs)
 
     chain.init_ray = rec.wrap("ray_init", originals["init_ray"])
-    chain._remote = remote
     preprocess.tokenized_dataset = rec.wrap("ray_data", originals["tokenized_dataset"])
     train_worker.train_chain = make_timed_train_chain(log_path)
     TorchTrainer.fit = rec.wrap("fit", originals["fit"])
@@ -252,20 +212,11 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
     """Per-task and chain-level phases of the pipeline run, in seconds (rank 0's view of the worker loop)."""
     logs = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     workers = sorted((r for r in logs if r["kind"] == "train_worker"), key=lambda r: r["rank"])
-    task_logs = {r["call_id"]: r for r in logs if r["kind"] == "ray_task"}
     events = run["events"]
     zero = workers[0] if workers else {"calls": []}
 
     def spans(kind, task=None, **tags):
         return [e for e in events if e["kind"] == kind and (task is None or e["task"] == task) and all(e.get(k) == v for k, v in tags.items())]
-
-    def ray_task_phases(event):
-        inner = task_logs.get(event["call_id"], {})
-        total = event["end"] - event["start"]
-        if not inner:
-            return {"total_s": total}
-        return {"total_s": total, "start_up_s": inner["entry"] - event["start"], "model_load_s": inner.get("model_load_s", 0.0),
-                "work_s": inner["exit"] - inner["entry"] - inner.get("model_load_s", 0.0), "return_s": event["end"] - inner["exit"]}
 
     def worker_calls(name, index):
         return [c for c in zero["calls"] if c[0] == name and c[1] == index]
@@ -296,8 +247,6 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
         per_task.append({"task": name, **phases})
 
     fit = spans("fit")
-    zero_shot = [e for e in spans("ray_task") if e["fn"] == "evaluate_state"]
-    export = [e for e in spans("ray_task") if e["fn"] == "export_state"]
     first_load = min((c[2] for c in zero["calls"] if c[0] == "model_load"), default=math.nan)
     chain_level = {
         "ray_init_s": sum(e["end"] - e["start"] for e in spans("ray_init")),
@@ -308,8 +257,9 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
         "init_distributed_s": sum(c[3] for c in zero["calls"] if c[0] == "init_distributed"),
         "fit_tear_down_s": (fit[-1]["end"] - max(w["exit"] for w in workers)) if workers and fit else 0.0,
         "worker_entry_to_first_task_s": first_load - zero.get("entry", first_load),
-        **{f"zero_shot_{k}": v for k, v in (ray_task_phases(zero_shot[0]) if zero_shot else {}).items()},
-        **{f"export_{k}": v for k, v in (ray_task_phases(export[0]) if export else {}).items()},
+        "zero_shot_s": sum(c[3] for c in worker_calls("score", None)),
+        "zero_shot_model_load_s": sum(c[3] for c in worker_calls("score_model_load", None)),
+        "export_s": sum(c[3] for c in worker_calls("export", "export")),
     }
     return {"per_task": per_task, "chain": chain_level}
 
@@ -438,8 +388,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folder (default: a temporary folder, deleted)")
     args = parser.parse_args()
 
+    import torch
+
     from pipeline.chain import select_tasks, steps_per_task
     from pipeline.config import load_config
+    from pipeline.hardware import cpu_name
 
     work = Path(tempfile.mkdtemp(prefix="pipeline-overhead-"))
     log_path = str(work / "phases.jsonl")
@@ -498,7 +451,6 @@ def main() -> None:
         "worker_model_load_s": sum(t["pipeline"].get("model_load_s", 0) for t in per_task),
         "init_distributed_s": chain_level.get("init_distributed_s", 0),
         "deepspeed_initialize_s": sum(t["pipeline"].get("deepspeed_initialize_s", 0) for t in per_task),
-        "eval_task_start_up_s": chain_level.get("zero_shot_start_up_s", 0),
         "eval_model_load_s": sum(t["pipeline"].get("score_model_load_s", 0) for t in per_task) + chain_level.get("zero_shot_model_load_s", 0),
         "mlflow_s": sum(t["pipeline"].get("mlflow_s", 0) for t in per_task) + chain_level.get("mlflow_start_s", 0),
         "ray_init_s": chain_level.get("ray_init_s", 0),
@@ -525,6 +477,8 @@ def main() -> None:
           f"final average accuracy pipeline {pipeline_run['summary']['average_accuracy']:.3f}, bare {bare['summary']['average_accuracy']:.3f}")
     print(json.dumps({
         "benchmark": "pipeline_overhead",
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "config": str(args.config),
         "overrides": (QUICK if args.quick else []) + args.overrides,
         "quick": args.quick,

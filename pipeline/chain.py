@@ -1,10 +1,10 @@
 """The chain driver: preprocess every task (Ray Data), train them in order (Ray Train + DeepSpeed) with each
 task scored on every task seen so far, and record each task as it ends (manifest, MLflow).
 
-One Ray cluster and one Ray Train worker group serve the whole chain: the workers train a task, score
-it (sharded over the ranks) and report its checkpoint with the scores, then go on to the next task,
-while the driver records the results as they arrive. The driver holds no model; the zero-shot row and
-the export run in Ray tasks that load the model where the resources are (a GPU node on a cluster).
+One Ray cluster and one Ray Train worker group serve the whole chain: the workers score the base model
+(the zero-shot row), train a task, score it (sharded over the ranks) and report its checkpoint with the
+scores, go on to the next task, and end with the export, while the driver records the results as they
+arrive. The driver holds no model: everything that needs one runs where the workers' resources are.
 Progress is in the run folder's manifest, so a re-submitted chain (same run_name) skips finished
 tasks and continues from the last checkpoint.
 """
@@ -19,26 +19,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.interrupts import wait_for
 from pipeline.manifest import Manifest, TaskRecord
-from pipeline.ray_workers import quiet_ray_logs, verbose, worker_log_env
+from pipeline.ray_workers import quiet_ray_logs, verbose, local_worker_env
 from pipeline.run_lock import RunFolderLock
-from pipeline.scoring import load_trained, model_to_score, score_tasks
 from pipeline.streams import Task, check_answers_tokenize, load_stream
 from procl import make_strategy, metrics
-from procl.checkpoint import META_FILE, TENSORS_FILE, read_state, sha256_file
+from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 
 console = Console()
 MAX_WORKER_FAILURES = 2  # Ray Train restarts of a task's worker group (from its last in-task checkpoint)
-# worker processes a local CPU chain's Ray keeps beyond one per CPU before ending idle ones: a task's
-# Ray Train and Ray Data actors count too (8 on 2 CPUs is what benchmarks/pipeline_overhead.py measured)
-EXTRA_WORKERS_KEPT = 6
 
 
 @dataclass
@@ -49,26 +44,6 @@ class ChainResult:
     adapter_dir: Path | None
     tracking_uri: str
     mlflow_run_id: str | None
-
-
-# -- work that runs in Ray tasks (it needs the model) ----------------------------------------------
-
-
-def evaluate_state(config_data: dict, state_dir: str | None, tasks: list[Task], threads: int) -> dict[str, dict[str, float]]:
-    """{split: {task: score}} on the validation and test splits of `tasks`, at a state folder (None: the base model)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    config = RunConfig.model_validate(config_data).on_device("cpu")
-    model, tokenizer = model_to_score(config, read_state(state_dir) if state_dir is not None else None)
-    return score_tasks(model, tokenizer, tasks, config)
-
-
-def export_state(config_data: dict, state_dir: str, out_dir: str) -> str:
-    """Write a state folder's consolidated adapter as a plain peft LoRA adapter; returns its folder."""
-    config = RunConfig.model_validate(config_data).on_device("cpu")
-    model, _, strategy = load_trained(config, read_state(state_dir))
-    return str(strategy.export(model, out_dir))
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -94,16 +69,9 @@ def init_ray(config: RunConfig) -> None:
     if config.ray.address is None:
         # no metrics either: nothing scrapes them without a dashboard, and the metrics agent's series (a new
         # set per task's Ray Data and Ray Train run) grew its memory every task (benchmarks/chain_memory.py)
-        system_config: dict = {"enable_metrics_collection": False}
-        if not config.scaling.use_gpu:
-            # keep the evaluation task's worker process warm while training holds every CPU: past the
-            # default limit (one worker per CPU) Ray ends it, and each task's evaluation then started a
-            # new process and re-imported torch (4.6 s of every task, benchmarks/pipeline_overhead.py).
-            # Not on GPU, where an idle worker would keep its CUDA context and cached memory.
-            system_config["num_workers_soft_limit"] = (config.ray.num_cpus or os.cpu_count() or 1) + EXTRA_WORKERS_KEPT
         ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_ray_logs", "env_vars": worker_log_env()},
-                 _system_config=system_config)
+                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_ray_logs", "env_vars": local_worker_env()},
+                 _system_config={"enable_metrics_collection": False})
     else:
         ray.init(address=config.ray.address)
     if sigterm is not None:
@@ -129,9 +97,11 @@ def _task_datasets(config: RunConfig, examples: list) -> list:
     return dataset.split(config.scaling.num_workers, equal=True)
 
 
-def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None) -> Iterator[dict]:
-    """Train the planned (task index, training examples) in order in one Ray Train fit(); yields each task's
-    results (`pipeline.task_results.TaskResults`) as soon as its worker group reports them."""
+def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None,
+                          zero_shot: bool, export: bool) -> Iterator[dict]:
+    """Run the chain's worker group (one Ray Train fit): the zero-shot row if `zero_shot`, the planned (task
+    index, training examples) in order, then the export if `export`. Yields each result
+    (`pipeline.task_results.TaskResults`) as soon as the workers report it."""
     import uuid
     from queue import Empty
 
@@ -166,8 +136,10 @@ def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, lis
         train_chain,
         train_loop_config={
             "config": config.model_dump(mode="json"),
+            "zero_shot_tasks": tasks if zero_shot else None,
             "plan": entries,
             "previous_state": str(previous_state) if previous_state else None,
+            "export": export,
             "fit_id": uuid.uuid4().hex,
         },
         scaling_config=ScalingConfig(
@@ -181,7 +153,7 @@ def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, lis
             storage_path=str(config.run_dir() / "ray"),
             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[TaskResults(config.run_dir() / "checkpoints", queue)],
+            callbacks=[TaskResults(config.run_dir(), queue)],
         ),
     )
     outcome: dict = {}
@@ -196,22 +168,27 @@ def _train_tasks(config: RunConfig, tasks: list[Task], plan: list[tuple[int, lis
     # A daemon thread: a driver that fails (or is interrupted) exits without waiting for the training.
     fitting = threading.Thread(target=fit, name="chain-fit", daemon=True)
     fitting.start()
-    received = 0
+    kinds: list[str] = []
     while fitting.is_alive() or not queue.empty():
         try:
             results = queue.get(timeout=0.5)
         except Empty:
             continue
-        received += 1
+        kinds.append(results["kind"])
         yield results
-    failed = tasks[plan[min(received, len(plan) - 1)][0]].name
+    tasks_done = kinds.count("task")
+    if zero_shot and "zero_shot" not in kinds:
+        stage = "zero-shot evaluation"
+    elif tasks_done < len(plan):
+        stage = f"task {tasks[plan[tasks_done][0]].name}: training"
+    else:
+        stage = "export"
     if isinstance(outcome.get("error"), TrainingFailedError):  # one line for the CLI; the workers' tracebacks are in Ray's log
-        raise RuntimeError(f"task {failed}: training failed (after {MAX_WORKER_FAILURES} restarts): "
-                           f"{_root_cause(outcome['error'])}") from outcome["error"]
+        raise RuntimeError(f"{stage} failed (after {MAX_WORKER_FAILURES} restarts): {_root_cause(outcome['error'])}") from outcome["error"]
     if "error" in outcome:
         raise outcome["error"]
-    if received < len(plan):
-        raise RuntimeError(f"task {failed}: training ended without reporting the task's end ({outcome['result'].error})")
+    if stage != "export" or (export and "export" not in kinds):
+        raise RuntimeError(f"{stage} ended without reporting its results ({outcome['result'].error})")
 
 
 def _training_plan(config: RunConfig, tasks: list[Task], pending: list[int], previous: Path | None) -> list[tuple[int, list]]:
@@ -236,35 +213,6 @@ def _root_cause(error: Exception) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
-def _task_cpus(config: RunConfig) -> float:
-    """CPUs of an evaluation/export task: the training footprint, capped at what one node offers.
-
-    A Ray task runs on one node, while training workers may be spread over nodes of a few CPUs each
-    (asking for their sum would never schedule there). Never less than one worker's CPUs.
-    """
-    import ray
-
-    total = config.scaling.num_workers * config.scaling.cpus_per_worker
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    largest = max((r.get("CPU", 0.0) for r in nodes if not config.scaling.use_gpu or r.get("GPU", 0) > 0), default=0.0)
-    return max(config.scaling.cpus_per_worker, min(total, largest))
-
-
-@cache
-def _remote_function(fn):
-    """One Ray remote function per `fn`, exported to the cluster once rather than at every task."""
-    import ray
-
-    return ray.remote(fn)
-
-
-def _remote(fn, config: RunConfig, cpus: float):
-    """`fn` as a Ray task with `cpus` CPUs (see `_task_cpus`) and a GPU when training uses one."""
-    # an explicit strategy: inside a Tune trial the default would place the task in the trial's
-    # placement group, which holds no CPUs (its Ray Train workers get their own)
-    return _remote_function(fn).options(num_cpus=cpus, num_gpus=1 if config.scaling.use_gpu else 0, scheduling_strategy="DEFAULT")
-
-
 def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None, on_task_done: Callable[[TaskRecord, Manifest], None] | None = None) -> ChainResult:
     """Run (or resume) the whole chain described by `config`.
@@ -283,8 +231,6 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
 
 def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None, parent_run_id: str | None,
                  tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
-    import ray
-
     from pipeline.tracking import ChainTracker, default_tracking_uri
 
     run_dir = config.run_dir()
@@ -296,22 +242,13 @@ def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None,
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
     print(config.precision_note())
     init_ray(config)
-    config_data = config.model_dump(mode="json")
-    task_cpus = _task_cpus(config)
-    threads = max(1, int(task_cpus))  # torch threads of evaluation: the CPUs its Ray task holds
 
     with tracker:
         manifest.mlflow_run_id = tracker.start(
-            config.run_name, params=config_data, tags=provenance_tags() | (tags or {}), config_file=config_file,
+            config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | (tags or {}), config_file=config_file,
             resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id,
         )
         manifest.save(run_dir)
-        if manifest.zero_shot is None:
-            console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
-            started = time.monotonic()
-            manifest.zero_shot = wait_for(_remote(evaluate_state, config, task_cpus).remote(config_data, None, tasks, threads))
-            manifest.zero_shot_seconds = time.monotonic() - started
-            manifest.save(run_dir)
         for index in range(len(tasks)):
             if manifest.is_done(index):
                 record = manifest.task(index)
@@ -322,37 +259,42 @@ def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None,
                 if on_task_done:
                     on_task_done(record, manifest)
         pending = [index for index in range(len(tasks)) if not manifest.is_done(index)]
+        zero_shot = manifest.zero_shot is None
+        export = manifest.adapter_dir is None and config.exports_plain_lora()
+        if zero_shot:
+            console.print(f"[bold]zero-shot[/] evaluation on {len(tasks)} tasks")
         if pending:
             console.print(f"[bold]training[/] tasks {pending[0] + 1}..{len(tasks)} in one worker group of {config.scaling.num_workers}")
+        if zero_shot or pending or export:
             previous = manifest.last_state()
+            plan = _training_plan(config, tasks, pending, previous)
             last_end = time.monotonic()
-            for results in _train_tasks(config, tasks, _training_plan(config, tasks, pending, previous), previous):
-                seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
-                last_end = time.monotonic()
-                seconds["train"] = seconds["task"] - seconds["evaluate"]  # with start-up and data: all but scoring
-                state_dir = Path(results["state_dir"])
-                scores = results["scores"]
-                record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
-                                    scores["test"], scores["validation"], results["losses"], seconds=seconds,
-                                    resumed_at=results["resumed_at"])
-                manifest.record(record)
-                manifest.save(run_dir)
-                record.mlflow_run_id = _log_task(tracker, manifest, record, config)
-                manifest.save(run_dir)
-                console.print(f"task {record.index + 1}/{len(tasks)} {record.name}: test {_format(scores['test'])}  "
-                              f"(train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
-                if on_task_done:
-                    on_task_done(record, manifest)
-
+            for results in _worker_group_results(config, tasks, plan, previous, zero_shot, export):
+                if results["kind"] == "zero_shot":
+                    if manifest.zero_shot is None:  # a restart before the first checkpoint reports it again
+                        manifest.zero_shot, manifest.zero_shot_seconds = results["scores"], results["seconds"]
+                        manifest.save(run_dir)
+                        console.print(f"zero-shot: test {_format(results['scores']['test'])}")
+                    last_end = time.monotonic()
+                elif results["kind"] == "export":
+                    manifest.adapter_dir = results["adapter_dir"]
+                    tracker.log_artifacts({"adapter": Path(manifest.adapter_dir), "manifest": manifest.save(run_dir)})
+                else:
+                    seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
+                    last_end = time.monotonic()
+                    seconds["train"] = seconds["task"] - seconds["evaluate"]  # with start-up and data: all but scoring
+                    record = _record_task(manifest, tasks, results, seconds)
+                    manifest.save(run_dir)
+                    record.mlflow_run_id = _log_task(tracker, manifest, record, config)
+                    manifest.save(run_dir)
+                    console.print(f"task {record.index + 1}/{len(tasks)} {record.name}: test {_format(record.test)}  "
+                                  f"(train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
+                    if on_task_done:
+                        on_task_done(record, manifest)
         if manifest.adapter_dir is None and not config.exports_plain_lora():
             console.print("no adapter export: procl.reference_mlp keeps an MLP in the model at inference; "
                           f"the model is the last checkpoint, {manifest.last_state()}")
             tracker.log_artifacts({"manifest": manifest.save(run_dir)})
-        elif manifest.adapter_dir is None:
-            # the consolidated adapter as a plain peft LoRA, and the finished manifest, on the chain's run
-            adapter = run_dir / "adapter"
-            manifest.adapter_dir = wait_for(_remote(export_state, config, task_cpus).remote(config_data, str(manifest.last_state()), str(adapter)))
-            tracker.log_artifacts({"adapter": adapter, "manifest": manifest.save(run_dir)})
         share = manifest.evaluation_share()
         if not math.isnan(share):
             tracker.log_summary({"evaluation_share": share})
@@ -360,6 +302,15 @@ def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None,
     matrix = manifest.matrix("test")
     adapter_dir = Path(manifest.adapter_dir) if manifest.adapter_dir else None
     return ChainResult(run_dir, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
+
+
+def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float]) -> TaskRecord:
+    state_dir = Path(results["state_dir"])
+    scores = results["scores"]
+    record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
+                        scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"])
+    manifest.record(record)
+    return record
 
 
 def _check_writable(run_dir: Path) -> None:

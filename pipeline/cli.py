@@ -172,16 +172,20 @@ def _command(args: argparse.Namespace) -> None:
         print(f"best config: {sweep.best_config}")
         print(f"run it: python -m pipeline run {sweep.best_config}")
         print(f"open the UI: mlflow ui --backend-store-uri {sweep.tracking_uri} --host 127.0.0.1")
-    elif args.command == "eval":
-        from pipeline.chain import evaluate_state, select_tasks
+    elif args.command == "eval":  # in this process, on its CPU
+        from pipeline.chain import select_tasks
+        from pipeline.scoring import model_to_score, score_tasks
+        from procl.checkpoint import read_state
 
-        scores = evaluate_state(config.model_dump(mode="json"), str(args.checkpoint), select_tasks(config), threads=2)
-        print(json.dumps(scores))
+        settled = config.on_device("cpu")
+        model, tokenizer = model_to_score(settled, read_state(args.checkpoint))
+        print(json.dumps(score_tasks(model, tokenizer, select_tasks(config), settled)))
     elif args.command == "export":
-        from pipeline.chain import export_state
+        from pipeline.scoring import load_trained
+        from procl.checkpoint import read_state
 
-        console.print(f"adapter written to {export_state(config.model_dump(mode='json'), str(args.checkpoint), str(args.out))}")
-
+        model, _, strategy = load_trained(config.on_device("cpu"), read_state(args.checkpoint))
+        console.print(f"adapter written to {strategy.export(model, args.out)}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,11 @@
 """A clean stop of the driver on SIGINT or SIGTERM.
 
 Both signals raise `Stopped` in the driver's main thread, wherever it is (Ray start, zero-shot, training,
-scoring, logging, export), or a bare KeyboardInterrupt from inside Ray's native waits (`as_stopped`). It is a KeyboardInterrupt, so the chain's MLflow runs end KILLED on the way out
+scoring, logging, export), or a bare KeyboardInterrupt from inside Ray's native waits (`as_stopped`). It
+is a KeyboardInterrupt, so the chain's MLflow runs end KILLED on the way out
 (`pipeline.tracking.ChainTracker`); the manifest and checkpoints are written atomically, so the same
-command resumes. The driver's blocking waits poll (`wait_for`), so a signal is acted on within a second.
+command resumes. The driver waits on the worker group's results with a timeout of 0.5 s
+(`pipeline.chain`), so a signal is acted on within a second.
 """
 
 from __future__ import annotations
@@ -58,13 +60,3 @@ def stop_on_signals() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
-
-def wait_for(ref: Any, poll_s: float = 0.5) -> Any:
-    """`ray.get(ref)`, returning to Python every `poll_s` so that a signal handler can run: a plain `ray.get`
-    blocks the main thread in native code, and SIGINT was not acted on until it returned."""
-    import ray
-
-    while True:
-        ready, _ = ray.wait([ref], timeout=poll_s)
-        if ready:
-            return ray.get(ready[0])

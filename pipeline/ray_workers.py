@@ -14,16 +14,25 @@ PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.pl
 # Ray Train V2 logs "Reporting training result N: TrainingReport(...)" for every report of every rank, at
 # INFO, from a logger named after its file
 TRAINING_REPORT_LOGGER_FILE = os.path.join("train", "v2", "_internal", "execution", "context.py")
+NO_API_SERVER = "http://127.0.0.1:0"  # port 0 refuses every connection (see `local_worker_env`)
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
-def worker_log_env() -> dict[str, str]:
-    """Environment of the chain's Ray workers: `--verbose`, and Ray Data's log level, which Ray Data reads when a
-    worker first imports it (setting the level earlier, in `quiet_ray_logs`, would be reset then)."""
-    return {VERBOSE_ENV: "1"} if verbose() else {VERBOSE_ENV: "", "RAY_DATA_LOG_LEVEL": "WARNING"}
+def local_worker_env() -> dict[str, str]:
+    """Environment of the workers of a chain's own local Ray: `--verbose`, Ray Data's log level, which Ray Data
+    reads when a worker first imports it (setting the level earlier, in `quiet_ray_logs`, would be reset then),
+    and the State API's address.
+
+    A local chain starts no dashboard, so nothing serves the State API, which Ray Train's placement-group
+    cleaner polls. Without an address Ray looks for a cluster in /tmp/ray/ray_current_cluster, which a
+    `ray start` that was killed leaves behind; each poll then hung 40 s on that dead cluster, and every
+    fit's end waited 12 s for the cleaner. An address that refuses at once makes each poll fail in ~1 ms.
+    """
+    log = {VERBOSE_ENV: "1"} if verbose() else {VERBOSE_ENV: "", "RAY_DATA_LOG_LEVEL": "WARNING"}
+    return log | {"RAY_API_SERVER_ADDRESS": NO_API_SERVER}
 
 
 def quiet_ray_logs() -> None:

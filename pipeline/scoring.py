@@ -1,8 +1,8 @@
 """What the chain scores: the model at a point of the chain, on the validation and test splits of tasks.
 
-Runs where the model is: inside the training worker group after each task (each rank scores a shard
-of the examples and the counts are summed), and in Ray tasks for the zero-shot row, `eval` and
-`export`. Per-example scoring is `pipeline.evaluation.answered_correctly`.
+Runs where the model is: inside the chain's worker group for the zero-shot row and after each task
+(each rank scores a shard of the examples and the counts are summed), and in the CLI's process for
+`eval`. Per-example scoring is `pipeline.evaluation.answered_correctly`.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
-"""The chain's checkpoint layout, and the Ray Train callback that hands each finished task to the driver.
+"""The chain's checkpoint layout, and the Ray Train callback that hands the worker group's results to the
+driver: the zero-shot row, each finished task, the exported adapter.
 
 A worker's checkpoint folder holds `state/` (procl.checkpoint: adapter + strategy state), `progress.json`
 (the task, steps done, training losses), `optimizer/` in in-task checkpoints, and `result.json` (the
-task's scores and timings) in the one that ends a task. Kept apart from the worker loop so that Ray
-Train's controller, which runs the callback, does not import torch and the model code.
+task's scores and timings) in the one that ends a task; the export's holds `adapter/` (a plain peft
+LoRA). Kept apart from the worker loop so that Ray Train's controller, which runs the callback, does not
+import torch and the model code.
 """
 
 from __future__ import annotations
@@ -20,24 +22,33 @@ STATE = "state"
 PROGRESS = "progress.json"
 RESULT = "result.json"
 OPTIMIZER = "optimizer"
+ADAPTER = "adapter"
 
 
 class TaskResults(UserCallback):
-    """Runs in Ray Train's controller, on the driver's node: at each task's end it copies the task's state
-    into the run folder (before Ray may prune that checkpoint) and puts the task's results on a queue the
-    driver reads: {index, state_dir, losses, resumed_at, scores, seconds}."""
+    """Runs in Ray Train's controller, on the driver's node. It puts each result on a queue the driver reads:
+    {kind: "zero_shot", scores, seconds}; at each task's end {kind: "task", index, state_dir, losses,
+    resumed_at, scores, seconds}, with the task's state copied into the run folder first (before Ray may
+    prune that checkpoint); {kind: "export", adapter_dir}, with the adapter published in the run folder."""
 
-    def __init__(self, checkpoints_dir: Path, queue) -> None:
-        self.checkpoints_dir, self.queue = checkpoints_dir, queue
+    def __init__(self, run_dir: Path, queue) -> None:
+        self.run_dir, self.queue = run_dir, queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if checkpoint is None or not metrics[0].get("task_done"):
-            return
-        index = metrics[0]["task_index"]
-        state_dir = self.checkpoints_dir / f"task_{index}"
-        with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
-            shutil.copytree(Path(folder) / STATE, staging, dirs_exist_ok=True)
-            progress = json.loads((Path(folder) / PROGRESS).read_text())
-            result = json.loads((Path(folder) / RESULT).read_text())
-        self.queue.put({"index": index, "state_dir": str(state_dir), "losses": progress["losses"],
-                        "resumed_at": progress.get("resumed_at", [])} | result)
+        reported = metrics[0]
+        if "zero_shot" in reported:
+            self.queue.put({"kind": "zero_shot", "scores": reported["zero_shot"], "seconds": reported["seconds"]})
+        elif checkpoint is not None and reported.get("exported"):
+            adapter_dir = self.run_dir / ADAPTER
+            with checkpoint.as_directory() as folder, atomic_directory(adapter_dir) as staging:
+                shutil.copytree(Path(folder) / ADAPTER, staging, dirs_exist_ok=True)
+            self.queue.put({"kind": "export", "adapter_dir": str(adapter_dir)})
+        elif checkpoint is not None and reported.get("task_done"):
+            index = reported["task_index"]
+            state_dir = self.run_dir / "checkpoints" / f"task_{index}"
+            with checkpoint.as_directory() as folder, atomic_directory(state_dir) as staging:
+                shutil.copytree(Path(folder) / STATE, staging, dirs_exist_ok=True)
+                progress = json.loads((Path(folder) / PROGRESS).read_text())
+                result = json.loads((Path(folder) / RESULT).read_text())
+            self.queue.put({"kind": "task", "index": index, "state_dir": str(state_dir), "losses": progress["losses"],
+                            "resumed_at": progress.get("resumed_at", [])} | result)

@@ -1,5 +1,6 @@
-"""The Ray Train worker loop of the chain: task after task, DeepSpeed ZeRO training through the strategy
-hooks, then scoring of every task seen so far, in one worker group for the whole chain.
+"""The Ray Train worker loop of the chain: the zero-shot row, then task after task DeepSpeed ZeRO training
+through the strategy hooks and scoring of every task seen so far, then the export, in one worker group
+for the whole chain (the driver holds no model).
 
 Reads top to bottom like Ray's DeepSpeed fine-tuning example. The same code runs on this CPU
 machine (gloo) and on a multi-node GPU cluster (nccl): only `scaling.use_gpu` differs. One worker
@@ -10,7 +11,8 @@ Checkpoints (`ray.train.report`) hold `state/` (procl.checkpoint: adapter + stra
 safetensors + JSON) and `progress.json` (the task, optimizer steps done, training losses, the steps at
 which the task resumed after failures); in-task ones also hold `optimizer/`, each rank's AdamW
 moments of its ZeRO partition (Ray merges the ranks' files into one checkpoint folder), and each task
-ends with one that also holds `result.json` (its scores and timings). A worker failure restarts the
+ends with one that also holds `result.json` (its scores and timings); the export's holds `adapter/` and
+`progress.json`. The zero-shot row is a report without a checkpoint. A worker failure restarts the
 group from the last one (`FailureConfig`) with weights, strategy state and optimizer moments as they
 were, skipping the tasks already reported.
 """
@@ -22,6 +24,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +34,8 @@ from safetensors.torch import load_file, save_file
 from pipeline.config import RunConfig
 from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
 from pipeline.preprocess import TrimPadding
-from pipeline.scoring import count_correct, model_to_score, scores_from_counts
-from pipeline.task_results import OPTIMIZER, PROGRESS, RESULT, STATE
+from pipeline.scoring import count_correct, load_trained, model_to_score, scores_from_counts
+from pipeline.task_results import ADAPTER, OPTIMIZER, PROGRESS, RESULT, STATE
 from procl import make_strategy
 from procl.checkpoint import read_state, sha256_file, write_state
 
@@ -43,7 +46,10 @@ console = logging.getLogger(__name__)
 
 
 def deepspeed_config(config: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles)."""
+    """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles).
+    `config` is settled for its device (`RunConfig.on_device`): precision is decided by then."""
+    if config.deepspeed.bf16 is None:
+        raise ValueError("deepspeed_config needs a config settled for its device (RunConfig.on_device): deepspeed.bf16 is still None")
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     offload = config.deepspeed.offload_optimizer
     if offload:
@@ -166,39 +172,54 @@ class _ProgressLine:
         console.info(f"[{self.label}] step {step}/{self.total} loss {loss:.4f} eta {eta:.0f}s")
 
 
-def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_state: str | None):
-    """Where this (re)started worker group picks up: (position in `plan`, state, progress, optimizer state).
+@dataclass
+class ResumePoint:
+    """Where a (re)started worker group picks up in its plan, with what it needs to start there."""
+
+    position: int  # the first entry of the plan to train (len(plan): none left)
+    state: tuple[dict, dict] | None  # strategy state to start from (None: the base model)
+    progress: dict[str, Any] | None  # the interrupted task's progress when it resumes mid-task
+    optimizer_state: dict[int, dict[str, torch.Tensor]] | None
+    this_fit: bool  # the checkpoint is this fit's: what it reported before (the zero-shot row) is not repeated
+
+
+def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_state: str | None) -> ResumePoint:
+    """Where this (re)started worker group picks up.
 
     A checkpoint of this fit is trusted whole: after a task's end the next task starts, mid-task the task
-    resumes. One of an earlier fit of the chain (a driver killed and the chain re-submitted) is used only
-    mid-way through the first planned task: had that fit finished the task, its results would have
-    reached the driver's manifest, and the task would not be planned again, so they were lost and it is
-    trained again. Otherwise the plan starts from `previous_state` (None: the first task of the chain).
+    resumes, after the export nothing is left. One of an earlier fit of the chain (a driver killed and the
+    chain re-submitted) is used only mid-way through the first planned task: had that fit finished the
+    task, its results would have reached the driver's manifest, and the task would not be planned again,
+    so they were lost and it is trained again. Otherwise the plan starts from `previous_state` (None: the
+    first task of the chain).
     """
     import ray.train
 
-    def from_previous_state():
-        return 0, read_state(previous_state) if previous_state is not None else None, None, None
+    def from_previous_state(this_fit: bool = False) -> ResumePoint:
+        return ResumePoint(0, read_state(previous_state) if previous_state is not None else None, None, None, this_fit)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return from_previous_state()
     with checkpoint.as_directory() as folder:
         progress = json.loads(Path(folder, PROGRESS).read_text())
+        same_fit = progress["fit_id"] == fit_id
+        if same_fit and Path(folder, ADAPTER).is_dir():  # the export was the last thing this fit did
+            return ResumePoint(len(plan), None, None, None, True)
         indices = [entry["index"] for entry in plan]
         position = indices.index(progress["task_index"]) if progress["task_index"] in indices else None
-        same_fit = progress["fit_id"] == fit_id
         if position is None or not (same_fit or (position == 0 and not progress["task_done"])):
-            return from_previous_state()
+            return from_previous_state(same_fit)
         state = read_state(Path(folder) / STATE)
         if progress["task_done"]:
-            return position + 1, state, None, None
-        return position, state, progress, read_optimizer_state(Path(folder), rank)
+            return ResumePoint(position + 1, state, None, None, same_fit)
+        return ResumePoint(position, state, progress, read_optimizer_state(Path(folder), rank), same_fit)
 
 
 def train_chain(loop_config: dict[str, Any]) -> None:
-    """Train the planned tasks in order, each from the state the previous one ended with; after each, score
-    every task seen so far (sharded over the ranks) and report the task's checkpoint with its scores."""
+    """The chain's work that needs the model, in order: the zero-shot row (when the driver has none), each
+    planned task trained from the state the previous one ended with and then scored on every task seen so
+    far (sharded over the ranks), and the export of the last state as a plain LoRA (when asked)."""
     import ray.train
     import ray.train.torch
 
@@ -208,9 +229,16 @@ def train_chain(loop_config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     config = settle_precision(config, ray.train.torch.get_device(), rank)
     plan: list[dict[str, Any]] = loop_config["plan"]
-    position, state, progress, optimizer_state = _resume_point(plan, loop_config["fit_id"], rank, loop_config["previous_state"])
+    fit_id = loop_config["fit_id"]
+    resume = _resume_point(plan, fit_id, rank, loop_config["previous_state"])
+    state, progress, optimizer_state = resume.state, resume.progress, resume.optimizer_state
 
-    for entry in plan[position:]:
+    if loop_config["zero_shot_tasks"] and not resume.this_fit:
+        started = time.monotonic()
+        scores = _score(config, None, loop_config["zero_shot_tasks"], rank, world_size)
+        ray.train.report({"zero_shot": scores, "seconds": time.monotonic() - started}, checkpoint=None)
+
+    for entry in plan[resume.position:]:
         task_index, label = entry["index"], entry["label"]
         torch.manual_seed(config.training.seed + task_index)
 
@@ -228,7 +256,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
                              f"{moments} the optimizer's moments")
         else:
             strategy.before_task(model, task_index)
-            progress = {"fit_id": loop_config["fit_id"], "task_index": task_index, "task_done": False, "steps": 0, "losses": []}
+            progress = {"fit_id": fit_id, "task_index": task_index, "task_done": False, "steps": 0, "losses": []}
             if rank == 0:
                 console.info(f"[{label}] {len(entry['examples'])} training examples, {entry['steps']} steps on {world_size} workers")
 
@@ -281,6 +309,24 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         # the driver times the whole task (start-up and data included) and takes training as the rest
         _report(state, progress, final, result={"scores": scores, "seconds": {"evaluate": time.monotonic() - trained}})
         progress, optimizer_state = None, None
+
+    if loop_config["export"] and state is not None:
+        _report_export(config, state, {"fit_id": fit_id, "task_index": plan[-1]["index"] if plan else None, "task_done": True}, rank)
+
+
+def _report_export(config: RunConfig, state: tuple[dict, dict], progress: dict[str, Any], rank: int) -> None:
+    """Rank 0 writes `state`'s consolidated adapter as a plain peft LoRA into a checkpoint (`adapter/`), which
+    the driver's callback publishes in the run folder; the other ranks report along."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report({"exported": 1}, checkpoint=None)
+        return
+    model, _, strategy = load_trained(config, state)
+    with tempfile.TemporaryDirectory() as folder:
+        strategy.export(model, Path(folder) / ADAPTER)
+        Path(folder, PROGRESS).write_text(json.dumps(progress))
+        ray.train.report({"exported": 1}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 def settle_precision(config: RunConfig, device: torch.device, rank: int) -> RunConfig:

@@ -93,3 +93,12 @@ def test_a_model_spec_loads_in_the_settled_dtype(cpu_features):
     cpu_features()
     model, _ = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
     assert {p.dtype for p in model.parameters()} == {torch.float32} and model.config._attn_implementation != "eager"
+
+
+def test_deepspeed_is_configured_only_from_a_settled_config(cpu_features):
+    from pipeline.train_worker import deepspeed_config
+
+    cpu_features()  # no native bf16
+    with pytest.raises(ValueError, match="settled for its device"):
+        deepspeed_config(load_config(None))  # deepspeed.bf16 None: "as model.dtype settles"
+    assert deepspeed_config(load_config(None).on_device("cpu"))["bf16"] == {"enabled": False}

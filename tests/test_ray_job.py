@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,11 +29,13 @@ def ray_head(tmp_path):
     """A local head bound to 127.0.0.1 with token auth explicitly off (the same setting for clients).
 
     Started with --block and ended by ending its own processes: `ray stop` would end every Ray on the
-    machine, the chains other tests run at the same time included."""
+    machine, the chains other tests run at the same time included. Its own --temp-dir: the address file
+    that `ray start` writes there would otherwise be left in /tmp/ray, naming a cluster that is gone."""
     env = os.environ | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "HF_HUB_OFFLINE": "1"}
     dashboard = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        [RAY, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
          "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -56,6 +60,7 @@ def ray_head(tmp_path):
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
         head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_the_chain(ray_head, tmp_path):

@@ -14,7 +14,7 @@ import ray.train
 import torch
 
 from pipeline import train_worker
-from pipeline.task_results import PROGRESS, STATE
+from pipeline.task_results import ADAPTER, PROGRESS, STATE
 from procl.checkpoint import write_state
 
 PLAN = [{"index": 2}, {"index": 3}, {"index": 4}]  # the tasks the driver still needs
@@ -42,17 +42,27 @@ def test_a_restarted_worker_group_picks_up_where_its_checkpoint_allows(tmp_path,
     previous = write_state(tmp_path / "previous", {"weight": torch.full((2,), 1.0)}, {"task_index": 1})  # the driver's last recorded task
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: checkpoint)
 
-    got_position, state, progress, optimizer_state = train_worker._resume_point(PLAN, "this", rank=0, previous_state=str(previous))
+    resume = train_worker._resume_point(PLAN, "this", rank=0, previous_state=str(previous))
 
-    assert got_position == position
-    assert (progress is not None) == resumes_mid_task
+    assert resume.position == position
+    assert (resume.progress is not None) == resumes_mid_task
+    assert resume.this_fit == (fit_id == "this")  # only a restart of this fit has reported the zero-shot row
     trusted = position > 0 or resumes_mid_task  # else: start the plan from the driver's previous state
-    tensors, meta = state
+    tensors, meta = resume.state
     expected = task_index if trusted else 1
     assert meta["task_index"] == expected and torch.equal(tensors["weight"], torch.full((2,), float(expected)))
-    assert optimizer_state is None  # the test's checkpoints hold no optimizer partition
+    assert resume.optimizer_state is None  # the test's checkpoints hold no optimizer partition
+
+
+def test_a_restart_after_this_fits_export_has_nothing_left(tmp_path, monkeypatch):
+    folder = tmp_path / "export"
+    (folder / ADAPTER).mkdir(parents=True)
+    (folder / PROGRESS).write_text(json.dumps({"fit_id": "this", "task_index": 4, "task_done": True}))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint.from_directory(str(folder)))
+    resume = train_worker._resume_point(PLAN, "this", rank=0, previous_state=None)
+    assert (resume.position, resume.state, resume.this_fit) == (len(PLAN), None, True)  # no second export either
 
 
 def test_no_checkpoint_starts_the_plan_from_the_previous_state(monkeypatch):
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    assert train_worker._resume_point(PLAN, "this", rank=0, previous_state=None) == (0, None, None, None)
+    assert train_worker._resume_point(PLAN, "this", rank=0, previous_state=None) == train_worker.ResumePoint(0, None, None, None, False)

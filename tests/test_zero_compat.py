@@ -32,7 +32,7 @@ TASKS, STEPS = 2, 2
 def _config(name: str, stage: int, offload: bool):
     return load_config(None, [f"strategy.name={name}", "strategy.lora.r=4", "strategy.procl.num_slots=2",
                               "training.batch_size=4", "training.lr=0.01",
-                              f"deepspeed.zero_stage={stage}", f"deepspeed.offload_optimizer={str(offload).lower()}"])
+                              f"deepspeed.zero_stage={stage}", f"deepspeed.offload_optimizer={str(offload).lower()}"]).on_device("cpu")
 
 
 def _train_cell(rank: int, name: str, stage: int, offload: bool, state_dir: Path) -> None:
