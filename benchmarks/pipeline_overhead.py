@@ -424,7 +424,7 @@ def main() -> None:
         # the driver's view: from the previous task's results (or the start of training) to this task's
         per_task.append({"task": p["task"], "pipeline_s": round(record["seconds"]["task"], 2), "bare_s": round(b["task_s"], 2),
                          "steps": b["steps"], "pipeline_micro_batches": len(record["losses"]), "bare_micro_batches": b["micro_batches"],
-                         "planned_steps": steps_per_task(config, tasks[len(per_task)]),
+                         "planned_steps": steps_per_task(config, len(tasks[len(per_task)].splits["train"])),
                          "pipeline": {k: round(v, 2) if isinstance(v, float) else v for k, v in p.items() if k != "task"},
                          "bare": {k: round(v, 2) for k, v in b.items() if k not in ("task", "test", "steps", "micro_batches")}})
 

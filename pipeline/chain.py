@@ -78,9 +78,13 @@ def init_ray(config: RunConfig) -> None:
         signal.signal(signal.SIGTERM, sigterm)
 
 
-def steps_per_task(config: RunConfig, task: Task) -> int:
-    per_step = config.training.batch_size * config.scaling.num_workers * config.training.gradient_accumulation
-    return config.training.epochs * (len(task.splits["train"]) // per_step)
+def steps_per_task(config: RunConfig, examples: int) -> int:
+    """Optimizer steps a task of `examples` training rows takes: each worker's equal shard in micro-batches of
+    batch_size (the last one may be short), accumulated over the epochs, within training.max_steps."""
+    shard = examples // config.scaling.num_workers
+    micro_batches = config.training.epochs * math.ceil(shard / config.training.batch_size)
+    steps = micro_batches // config.training.gradient_accumulation
+    return min(steps, config.training.max_steps or steps)
 
 
 def _tokenizer_factory(config: RunConfig):
@@ -124,7 +128,7 @@ def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple
         "index": index,
         "label": f"task {index + 1}/{len(tasks)} {tasks[index].name}",
         "examples": examples,
-        "steps": steps_per_task(config, tasks[index]),
+        "steps": steps_per_task(config, len(examples)),
         "shards": _task_datasets(config, examples),
         "seen": tasks[: index + 1],
     } for index, examples in plan]
@@ -224,6 +228,7 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
     run_dir = config.run_dir()
     tasks = select_tasks(config)  # data problems fail here, before anything is written or started
     check_answers_tokenize(tasks, _tokenizer_factory(config)())
+    config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
     _check_writable(run_dir)
     with RunFolderLock(run_dir):  # one driver per chain, from its first read of the manifest to its end
         return _drive_chain(config, tasks, config_file, parent_run_id, tags, on_task_done)

@@ -80,7 +80,7 @@ def plan(config: RunConfig) -> dict:
     rows = []
     for index, task in enumerate(tasks):
         sizes = {split: len(records) for split, records in task.splits.items()}
-        steps = steps_per_task(config, task)
+        steps = steps_per_task(config, len(task.splits["train"]))
         # evaluation after this task scores validation + test of every task seen so far
         eval_examples = sum(len(t.splits["validation"]) + len(t.splits["test"]) for t in tasks[: index + 1])
         rows.append({"task": task.name, "sizes": sizes, "answers": len(task.answers), "steps": steps,
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _end_ray() -> None:
     """End the Ray workers this driver started (a local Ray ends whole; on a cluster, this job's actors end with it)."""
-    import ray
-
-    if ray.is_initialized():
+    # not `import ray`: a stop that landed while ray was being imported left it half-initialised (and no Ray started)
+    ray = sys.modules.get("ray")
+    if getattr(ray, "is_initialized", lambda: False)():
         ray.shutdown()
 
 

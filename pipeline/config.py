@@ -68,6 +68,13 @@ class TrainingConfig(_Strict):
     mask_prompt: bool = Field(True, description="loss on the answer only (False: whole sequence, as the reference code)")
     seed: int = 0
     checkpoint_every: int = Field(0, ge=0, description="steps between in-task checkpoints (0: only at task end)")
+    max_steps: int | None = Field(None, gt=0, description="step budget per task: at most this many optimizer steps (None: every batch)")
+    # transformers' step-driven schedules (get_scheduler), restarted at each task: a task is one fine-tuning run
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                          "inverse_sqrt"] = Field("constant", description="transformers' get_scheduler name, over each task's steps")
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up at the start of each task")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (transformers' "
+                                                            "activation checkpointing, non-reentrant): less memory, ~30% more compute")
 
 
 class DeepSpeedConfig(_Strict):

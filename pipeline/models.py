@@ -82,10 +82,11 @@ class ModelSpec(BaseModel):
     allow_download: bool = Field(
         False, description="Hub ids load only when true; otherwise the hub is never contacted."
     )
-    attn_implementation: Literal["auto", "sdpa", "eager"] | None = Field(
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] | None = Field(
         "auto",
         description="transformers' attention kernel; None keeps the model's default (sdpa); 'auto': eager where a CPU "
-        "computes in bf16 (torch's fused sdpa ran 2x slower than eager in bf16 there, benchmarks/precision.py), else the default",
+        "computes in bf16 (torch's fused sdpa ran 2x slower than eager in bf16 there, benchmarks/precision.py), else the "
+        "default; 'flash_attention_2' needs a CUDA GPU, the flash-attn package and bf16 weights",
     )
 
     def on_device(self, device: torch.device | str, bf16_compute: bool | None = None) -> ModelSpec:
@@ -98,7 +99,24 @@ class ModelSpec(BaseModel):
         if attention == "auto":
             in_bf16 = dtype == "bfloat16" if bf16_compute is None else bf16_compute
             attention = "eager" if in_bf16 and torch.device(device).type == "cpu" else None
+        if attention == "flash_attention_2":
+            _check_flash_attention(device, dtype)
         return self.model_copy(update={"dtype": dtype, "attn_implementation": attention})
+
+
+def _check_flash_attention(device: torch.device | str, dtype: str) -> None:
+    """FlashAttention-2 runs only in CUDA kernels of the flash-attn package, in half precision: say so before
+    anything starts, rather than in transformers' error at the first model load."""
+    import importlib.util
+
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"model.attn_implementation: flash_attention_2 runs on CUDA GPUs only, not on {torch.device(device).type}; "
+                         "use 'auto' (or 'sdpa') there")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ValueError("model.attn_implementation: flash_attention_2 needs the flash-attn package (pip install flash-attn), "
+                         "which is not installed here; use 'sdpa' (torch's fused attention)")
+    if dtype != "bfloat16":
+        raise ValueError(f"model.attn_implementation: flash_attention_2 needs bf16 weights, got model.dtype {dtype}")
 
 
 def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

@@ -24,6 +24,8 @@ import logging
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,43 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_s
         return ResumePoint(position, state, progress, read_optimizer_state(Path(folder), rank), same_fit)
 
 
+def build_training_model(config: RunConfig, state: tuple[dict, dict] | None):
+    """(model, strategy) to train a task from: the base model with the strategy's modules, at `state` (None: the
+    chain's start), with activation checkpointing when training.gradient_checkpointing."""
+    model, _ = load_model_and_tokenizer(config.model)
+    if config.training.gradient_checkpointing:
+        # non-reentrant, and transformers registers the input-gradient hook that LoRA on a frozen base needs
+        model.activation_checkpointing_enable()
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    model = strategy.build(model)
+    if state is not None:
+        strategy.restore_state(model, *state)
+    return model, strategy
+
+
+def lr_schedule(config: RunConfig, steps: int, steps_done: int):
+    """The task's LR schedule for `deepspeed.initialize` (built on the optimizer DeepSpeed steps): transformers'
+    `get_scheduler` over the task's `steps`, moved on by the `steps_done` that a resumed task has trained."""
+    from transformers import get_scheduler
+
+    def build(optimizer: torch.optim.Optimizer):
+        schedule = get_scheduler(config.training.lr_scheduler, optimizer, num_warmup_steps=config.training.warmup_steps,
+                                 num_training_steps=steps)
+        with warnings.catch_warnings():  # stepping the schedule alone, before any optimizer step, is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(steps_done):
+                schedule.step()
+        return schedule
+
+    return build
+
+
+def _micro_batches(shard, config: RunConfig, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's micro-batches of the task, epoch after epoch."""
+    for _ in range(config.training.epochs):
+        yield from shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate, device=device)
+
+
 def train_chain(loop_config: dict[str, Any]) -> None:
     """The chain's work that needs the model, in order: the zero-shot row (when the driver has none), each
     planned task trained from the state the previous one ended with and then scored on every task seen so
@@ -227,7 +266,8 @@ def train_chain(loop_config: dict[str, Any]) -> None:
     deepspeed = _init_deepspeed(config.scaling.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    config = settle_precision(config, ray.train.torch.get_device(), rank)
+    device = ray.train.torch.get_device()
+    config = settle_precision(config, device, rank)
     plan: list[dict[str, Any]] = loop_config["plan"]
     fit_id = loop_config["fit_id"]
     resume = _resume_point(plan, fit_id, rank, loop_config["previous_state"])
@@ -235,7 +275,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
 
     if loop_config["zero_shot_tasks"] and not resume.this_fit:
         started = time.monotonic()
-        scores = _score(config, None, loop_config["zero_shot_tasks"], rank, world_size)
+        scores = _score(config, None, loop_config["zero_shot_tasks"], rank, world_size, device)
         ray.train.report({"zero_shot": scores, "seconds": time.monotonic() - started}, checkpoint=None)
 
     for entry in plan[resume.position:]:
@@ -243,11 +283,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         torch.manual_seed(config.training.seed + task_index)
 
         # Model and strategy state: a restart after a worker failure resumes mid-task.
-        model, _ = load_model_and_tokenizer(config.model)
-        strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
-        model = strategy.build(model)
-        if state is not None:
-            strategy.restore_state(model, *state)
+        model, strategy = build_training_model(config, state)
         if progress is not None:
             progress["resumed_at"] = progress.get("resumed_at", []) + [progress["steps"]]
             if rank == 0:
@@ -264,7 +300,8 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         optimizer = torch.optim.AdamW(
             strategy.param_groups(model, config.training.lr), lr=config.training.lr, weight_decay=config.training.weight_decay
         )
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config),
+                                          lr_scheduler=lr_schedule(config, entry["steps"], progress["steps"]))
         if optimizer_state is not None:
             load_optimizer_state(engine, optimizer_state)
         engine.train()
@@ -273,28 +310,25 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         progress_line = _ProgressLine(label, entry["steps"], rank == 0)
         accumulation = config.training.gradient_accumulation
         micro_steps_done = progress["steps"] * accumulation  # a resumed worker skips what was trained
-        micro_step = 0
         collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # LM head + loss on answer positions only
-        for _ in range(config.training.epochs):
-            batches = entry["shards"][rank].iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate,
-                                                               device=engine.device)
-            for batch in batches:
-                micro_step += 1
-                if micro_step <= micro_steps_done:
-                    continue
-                loss = engine(**batch).loss
-                extra = strategy.extra_loss(model)
-                engine.backward(loss if extra is None else loss + extra)
-                engine.step()
-                progress["losses"].append(loss.item())
-                if micro_step % accumulation:
-                    continue
-                strategy.after_optimizer_step(model, engine)
-                progress["steps"] += 1
-                progress_line.update(progress["steps"], loss.item())
-                every = config.training.checkpoint_every
-                if every and progress["steps"] % every == 0:
-                    _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()}, engine)
+        for micro_step, batch in enumerate(_micro_batches(entry["shards"][rank], config, collate, engine.device), start=1):
+            if micro_step <= micro_steps_done:
+                continue
+            if progress["steps"] == entry["steps"]:  # training.max_steps reached
+                break
+            loss = engine(**batch).loss
+            extra = strategy.extra_loss(model)
+            engine.backward(loss if extra is None else loss + extra)
+            engine.step()  # and the LR schedule, at each optimizer step
+            progress["losses"].append(loss.item())
+            if micro_step % accumulation:
+                continue
+            strategy.after_optimizer_step(model, engine)
+            progress["steps"] += 1
+            progress_line.update(progress["steps"], loss.item())
+            every = config.training.checkpoint_every
+            if every and progress["steps"] % every == 0:
+                _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss.item()}, engine)
 
         # Task end: fold/consolidate; the model is then scored on every task seen so far.
         strategy.after_task(model, task_index, entry["examples"], engine)
@@ -302,7 +336,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         engine.destroy()
         del engine, model, optimizer
         trained = time.monotonic()
-        scores = _score(config, state, entry["seen"], rank, world_size)
+        scores = _score(config, state, entry["seen"], rank, world_size, device)
         progress["task_done"] = True
         final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"),
                  "task_done": 1}
@@ -341,11 +375,13 @@ def settle_precision(config: RunConfig, device: torch.device, rank: int) -> RunC
     return RunConfig.model_validate(settled[0])
 
 
-def _score(config: RunConfig, state: tuple[dict, dict], tasks: list, rank: int, world_size: int) -> dict[str, dict[str, float]]:
-    """{split: {task: score}}: each rank scores every `world_size`-th example of each split, the counts are summed."""
+def _score(config: RunConfig, state: tuple[dict, dict] | None, tasks: list, rank: int, world_size: int,
+           device: torch.device) -> dict[str, dict[str, float]]:
+    """{split: {task: score}} on `device`: each rank scores every `world_size`-th example of each split, the counts are summed."""
     import torch.distributed as dist
 
     model, tokenizer = model_to_score(config, state)
+    model.to(device)
     counts = count_correct(model, tokenizer, tasks, config, rank, world_size)
     del model
     gathered: list[Any] = [None] * world_size

@@ -1,5 +1,6 @@
 """The embedded SmolLM2-135M-Instruct, loaded offline, scores a bundled task above chance zero-shot."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,9 @@ def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkey
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name="smollm2-135m"))
-    yahoo = [t for t in load_stream(ROOT / "configs" / "streams" / "demo.yaml", "order1") if t.name == "yahoo"]
+    (full,) = [t for t in load_stream(ROOT / "configs" / "streams" / "demo.yaml", "order1") if t.name == "yahoo"]
+    # 8 questions per split: bf16 is emulated, several times slower, on a CPU without AVX512-BF16 / AMX
+    yahoo = [dataclasses.replace(full, splits={split: full.splits[split][:8] for split in ("validation", "test")})]
     seen_dtypes = []
     model.lm_head.register_forward_hook(lambda module, args, output: seen_dtypes.append(output.dtype))
     scores = {}
@@ -42,5 +45,5 @@ def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkey
         scores[bf16] = score_tasks(model, tokenizer, yahoo, config)
         assert set(seen_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
     assert load_config(None, ["model.dtype=float32"]).scores_in_bf16() is False  # fp32 training scores in fp32
-    for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of these 48 answers equal (demo adapter)
-        assert abs(scores[True][split]["yahoo"] - scores[False][split]["yahoo"]) <= 2 / 16 + 1e-9
+    for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of 48 demo answers equal (demo adapter)
+        assert abs(scores[True][split]["yahoo"] - scores[False][split]["yahoo"]) <= 1 / 8 + 1e-9

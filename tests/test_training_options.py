@@ -1,0 +1,120 @@
+"""Training options of large-model fine-tuning, as the worker loop uses them: activation checkpointing
+(LoRA still gets its gradients), transformers' LR schedules stepped by DeepSpeed and resumed mid-task,
+a step budget per task, and FlashAttention-2 refused where it cannot run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import batch, free_port, init_deepspeed_gloo, rank_env
+
+from pipeline.chain import steps_per_task
+from pipeline.config import load_config
+from pipeline.models import ModelSpec
+from pipeline.train_worker import build_training_model, lr_schedule
+
+TINY = ["model.name=tiny-llama", "strategy.lora.r=4", "strategy.procl.num_slots=2"]
+
+
+def _lora_gradients(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
+    """LoRA gradients of one backward pass, and how many times the layers' attention ran forward (inside a
+    checkpointed layer: transformers keeps the layer's own hooks outside the checkpoint)."""
+    config = load_config(None, TINY + [f"training.gradient_checkpointing={str(checkpointing).lower()}"]).on_device("cpu")
+    torch.manual_seed(0)
+    model, strategy = build_training_model(config, None)
+    strategy.before_task(model, 0)
+    model.train()
+    layer_calls = []
+    for layer in model.base_model.model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: layer_calls.append(1))
+    ids = batch(seed=1)
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if "lora_" in name and p.requires_grad}
+    return grads, len(layer_calls)
+
+
+def test_gradient_checkpointing_recomputes_the_layers_and_gives_lora_the_same_gradients():
+    plain, plain_calls = _lora_gradients(False)
+    checkpointed, checkpointed_calls = _lora_gradients(True)
+    assert checkpointed_calls == 2 * plain_calls  # each layer ran again in the backward pass: activations were not kept
+    assert plain and checkpointed.keys() == plain.keys()
+    assert any(g.abs().sum() > 0 for g in checkpointed.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def _schedule_worker(rank: int, port: int, out: str) -> None:
+    """One DeepSpeed rank: the LR of each optimizer step of a 6-step task, from step 0 and resumed at step 3."""
+    os.environ.update(rank_env(rank, 1, port))
+    deepspeed = init_deepspeed_gloo()
+    from pipeline.train_worker import deepspeed_config
+
+    config = load_config(None, TINY + ["training.lr=0.01", "training.batch_size=2", "training.lr_scheduler=linear",
+                                       "training.warmup_steps=2", "deepspeed.zero_stage=2"]).on_device("cpu")
+    seen = {}
+    for steps_done in (0, 3):
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.training.lr)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config),
+                                          lr_scheduler=lr_schedule(config, 6, steps_done))
+        seen[steps_done] = []
+        for _ in range(6 - steps_done):
+            seen[steps_done].append(engine.get_lr()[0])
+            engine.backward(engine(torch.ones(2, 4)).sum())
+            engine.step()
+        engine.destroy()
+    Path(out).write_text(json.dumps(seen))
+
+
+def test_the_lr_schedule_warms_up_decays_and_resumes_mid_task_where_it_was(tmp_path):
+    out = tmp_path / "lrs.json"
+    mp.spawn(_schedule_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    seen = json.loads(out.read_text())
+    # linear warm-up over 2 steps, then linear decay to 0 at the task's 6th step, stepped by DeepSpeed's engine
+    expected = [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025]
+    assert seen["0"] == pytest.approx(expected)
+    assert seen["3"] == pytest.approx(expected[3:])  # a task resumed at step 3 goes on where it was
+
+
+def test_the_default_schedule_keeps_the_configured_lr():
+    config = load_config(None)
+    optimizer = torch.optim.AdamW(torch.nn.Linear(2, 1).parameters(), lr=config.training.lr)
+    schedule = lr_schedule(config, 5, 0)(optimizer)
+    lrs = []
+    for _ in range(5):
+        lrs.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert lrs == [config.training.lr] * 5
+
+
+@pytest.mark.parametrize(("examples", "settings", "steps"), [
+    (16, [], 2),                                        # 2 workers x batch 4: 8 rows a step
+    (20, [], 3),                                        # each worker's 10 rows: batches of 4, 4 and 2
+    (20, ["training.gradient_accumulation=2"], 1),      # 3 micro-batches make one full step
+    (16, ["training.epochs=3"], 6),
+    (16, ["training.epochs=3", "training.max_steps=4"], 4),  # the step budget
+    (16, ["training.max_steps=10"], 2),                 # a budget above what the data gives changes nothing
+])
+def test_steps_per_task_counts_what_the_workers_train(examples, settings, steps):
+    config = load_config(None, ["training.batch_size=4", "scaling.num_workers=2", *settings])
+    assert steps_per_task(config, examples) == steps
+
+
+def test_flash_attention_is_refused_where_it_cannot_run():
+    import importlib.util
+
+    spec = ModelSpec(name="tiny-llama", dtype="bfloat16", attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="flash_attention_2 runs on CUDA GPUs only, not on cpu"):
+        spec.on_device("cpu")
+    if importlib.util.find_spec("flash_attn") is None:  # as here: a GPU worker without the package is told what is missing
+        with pytest.raises(ValueError, match="needs the flash-attn package"):
+            spec.on_device("cuda")
+    config = load_config(None, ["model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ValueError, match="model.attn_implementation: flash_attention_2"):
+        config.precision_note()  # what `run` and `plan` settle first, before anything starts
