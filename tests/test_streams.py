@@ -180,6 +180,16 @@ def test_demo_stream_loads_real_data_with_all_splits():
         assert all(r["target"] in task.answers for rs in task.splits.values() for r in rs)
 
 
+def test_intent_stream_loads_six_verbalized_classes_per_task():
+    tasks = load_stream(CONFIGS / "intent.yaml", "order1")
+    assert [t.name for t in tasks] == ["banking", "hwu", "stackoverflow"]
+    assert sorted(tasks[0].answers) == ["card fee", "charged twice", "missing deposit", "unknown debit", "withdrawal fee", "wrong cash"]
+    for task in tasks:
+        assert len(task.answers) == 6
+        assert {s: len(r) for s, r in task.splits.items()} == {"train": 192, "validation": 16, "test": 32}
+        assert all(r["target"] in task.answers for rs in task.splits.values() for r in rs)
+
+
 # -- bad input: one clear error naming file / field / expected ----------------------------------
 
 
