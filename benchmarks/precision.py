@@ -87,7 +87,7 @@ class DeepSpeedVariant:
     def __init__(self, batch: int, answer_logits_only: bool = False, attention: str | None = None) -> None:
         import deepspeed
 
-        from pipeline.config import RunConfig
+        from pipeline.config import ChainConfig
         from pipeline.train_worker import deepspeed_config
 
         if not deepspeed.comm.is_initialized():
@@ -98,7 +98,7 @@ class DeepSpeedVariant:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
             deepspeed.init_distributed(dist_backend="gloo")
         model = _lora_model(torch.float32, attention)
-        config = RunConfig.model_validate({"training": {"batch_size": batch, "lr": LR}, "deepspeed": {"zero_stage": 2, "bf16": True}})
+        config = ChainConfig.model_validate({"training": {"batch_size": batch, "lr": LR}, "deepspeed": {"zero_stage": 2, "bf16": True}})
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
         self.answer_logits_only = answer_logits_only

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline.config import ConfigError, RunConfig
+from pipeline.config import ConfigError, ChainConfig
 from pipeline.manifest import Manifest, TaskRecord
 from pipeline.ray_workers import quiet_ray_logs, verbose, local_worker_env
 from pipeline.run_lock import RunFolderLock
@@ -33,7 +33,6 @@ from procl import make_strategy, metrics
 from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 
 console = Console()
-MAX_WORKER_FAILURES = 2  # Ray Train restarts of a task's worker group (from its last in-task checkpoint)
 
 
 @dataclass
@@ -49,12 +48,12 @@ class ChainResult:
 # -- the driver ------------------------------------------------------------------------------------
 
 
-def select_tasks(config: RunConfig) -> list[Task]:
+def select_tasks(config: ChainConfig) -> list[Task]:
     tasks = load_stream(config.stream.path, config.stream.order)
     return tasks[: config.stream.max_tasks] if config.stream.max_tasks else tasks
 
 
-def init_ray(config: RunConfig) -> None:
+def init_ray(config: ChainConfig) -> None:
     import signal
 
     import ray
@@ -78,7 +77,7 @@ def init_ray(config: RunConfig) -> None:
         signal.signal(signal.SIGTERM, sigterm)
 
 
-def steps_per_task(config: RunConfig, examples: int) -> int:
+def steps_per_task(config: ChainConfig, examples: int) -> int:
     """Optimizer steps a task of `examples` training rows takes: each worker's equal shard in micro-batches of
     batch_size (the last one may be short), accumulated over the epochs, within training.max_steps."""
     shard = examples // config.scaling.num_workers
@@ -87,13 +86,13 @@ def steps_per_task(config: RunConfig, examples: int) -> int:
     return min(steps, config.training.max_steps or steps)
 
 
-def _tokenizer_factory(config: RunConfig):
+def _tokenizer_factory(config: ChainConfig):
     from pipeline.models import load_tokenizer
 
     return partial(load_tokenizer, config.model)
 
 
-def _task_datasets(config: RunConfig, examples: list) -> list:
+def _task_datasets(config: ChainConfig, examples: list) -> list:
     """A task's tokenized training rows (Ray Data), split into one equal shard per training worker."""
     from pipeline.preprocess import tokenized_dataset
 
@@ -101,7 +100,7 @@ def _task_datasets(config: RunConfig, examples: list) -> list:
     return dataset.split(config.scaling.num_workers, equal=True)
 
 
-def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None,
+def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None,
                           zero_shot: bool, export: bool) -> Iterator[dict]:
     """Run the chain's worker group (one Ray Train fit): the zero-shot row if `zero_shot`, the planned (task
     index, training examples) in order, then the export if `export`. Yields each result
@@ -110,7 +109,7 @@ def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple
     from queue import Empty
 
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig, TrainingFailedError
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -152,10 +151,10 @@ def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple
             resources_per_worker=config.scaling.worker_resources(),
         ),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
-        run_config=TrainRunConfig(
+        run_config=RunConfig(
             name="chain",
             storage_path=str(config.run_dir() / "ray"),
-            failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES),
+            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=[TaskResults(config.run_dir(), queue)],
         ),
@@ -188,14 +187,14 @@ def _worker_group_results(config: RunConfig, tasks: list[Task], plan: list[tuple
     else:
         stage = "export"
     if isinstance(outcome.get("error"), TrainingFailedError):  # one line for the CLI; the workers' tracebacks are in Ray's log
-        raise RuntimeError(f"{stage} failed (after {MAX_WORKER_FAILURES} restarts): {_root_cause(outcome['error'])}") from outcome["error"]
+        raise RuntimeError(f"{stage} failed (after {config.scaling.max_failures} restarts): {_root_cause(outcome['error'])}") from outcome["error"]
     if "error" in outcome:
         raise outcome["error"]
     if stage != "export" or (export and "export" not in kinds):
         raise RuntimeError(f"{stage} ended without reporting its results ({outcome['result'].error})")
 
 
-def _training_plan(config: RunConfig, tasks: list[Task], pending: list[int], previous: Path | None) -> list[tuple[int, list]]:
+def _training_plan(config: ChainConfig, tasks: list[Task], pending: list[int], previous: Path | None) -> list[tuple[int, list]]:
     """(task index, training examples) of each pending task: replay and multitask mix in earlier tasks' examples,
     which depend on the data alone, so every task's examples are known before training starts."""
     data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
@@ -217,7 +216,7 @@ def _root_cause(error: Exception) -> str:
     return lines[-1] if lines else type(cause).__name__
 
 
-def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,
+def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_run_id: str | None = None,
               tags: dict[str, str] | None = None, on_task_done: Callable[[TaskRecord, Manifest], None] | None = None) -> ChainResult:
     """Run (or resume) the whole chain described by `config`.
 
@@ -228,13 +227,13 @@ def run_chain(config: RunConfig, config_file: Path | None = None, *, parent_run_
     run_dir = config.run_dir()
     tasks = select_tasks(config)  # data problems fail here, before anything is written or started
     check_answers_tokenize(tasks, _tokenizer_factory(config)())
-    config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
+    precision = config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
     _check_writable(run_dir)
     with RunFolderLock(run_dir):  # one driver per chain, from its first read of the manifest to its end
-        return _drive_chain(config, tasks, config_file, parent_run_id, tags, on_task_done)
+        return _drive_chain(config, tasks, precision, config_file, parent_run_id, tags, on_task_done)
 
 
-def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None, parent_run_id: str | None,
+def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,
                  tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
     from pipeline.tracking import ChainTracker, default_tracking_uri
 
@@ -245,7 +244,7 @@ def _drive_chain(config: RunConfig, tasks: list[Task], config_file: Path | None,
     tracking_uri = config.tracking.uri or default_tracking_uri(store_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
-    print(config.precision_note())
+    print(precision)
     init_ray(config)
 
     with tracker:
@@ -328,7 +327,7 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
 
 
-def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: RunConfig) -> str:
+def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConfig) -> str:
     state_dir = Path(record.state_dir)
     rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
     test_matrix = manifest.matrix("test")[:rows]

@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import ChainConfig, load_config
 from pipeline.interrupts import as_stopped, stop_on_signals
 from pipeline.ray_workers import VERBOSE_ENV
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan(config: RunConfig) -> dict:
+def plan(config: ChainConfig) -> dict:
     """What `run` will do: tasks, sizes, steps, workers, resources, a rough time estimate."""
     from pipeline.chain import select_tasks, steps_per_task
     from pipeline.models import load_tokenizer

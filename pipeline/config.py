@@ -32,7 +32,7 @@ class _Strict(BaseModel):
 
 
 class StreamChoice(_Strict):
-    path: str = "configs/streams/demo.yaml"
+    path: str = "configs/streams/intent.yaml"
     order: str | None = Field(None, description="an order defined in the stream file (default: its first)")
     max_tasks: int | None = Field(None, gt=0, description="only the first k tasks of the order")
 
@@ -77,17 +77,19 @@ class TrainingConfig(_Strict):
                                                             "activation checkpointing, non-reentrant): less memory, ~30% more compute")
 
 
-class DeepSpeedConfig(_Strict):
+class DeepSpeedSettings(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     offload_optimizer: bool = False
     bf16: bool | None = Field(None, description="DeepSpeed bf16 (with fp32 master weights); None: as model.dtype settles "
                                                "('auto': bf16 where the device computes it natively)")
 
 
-class ScalingConfig(_Strict):
+class ScalingSettings(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0, description="Ray Train's FailureConfig.max_failures: restarts of the chain's worker "
+                                                   "group after a worker or node failure, each from the last checkpoint")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each training worker needs, e.g. {worker_node: 1} to place workers on labelled nodes"
     )
@@ -123,21 +125,21 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, gt=0, description="logical CPUs of a local Ray")
 
 
-class RunConfig(_Strict):
+class ChainConfig(_Strict):
     run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "runs"
     model: ModelSpec = Field(default_factory=ModelSpec)
     stream: StreamChoice = Field(default_factory=StreamChoice)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _compatible(self) -> "RunConfig":
+    def _compatible(self) -> "ChainConfig":
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
         if self.strategy.name == "o_lora" and self.deepspeed.zero_stage == 3:
@@ -154,7 +156,7 @@ class RunConfig(_Strict):
         it is scored unmerged and its chain ends without a peft adapter export."""
         return not (self.strategy.name == "procl" and self.strategy.procl.reference_mlp)
 
-    def on_device(self, device: torch.device | str) -> RunConfig:
+    def on_device(self, device: torch.device | str) -> ChainConfig:
         """This config with every precision setting settled for `device` (see `pipeline.hardware`): model.dtype
         'auto' is bf16 where bf16 is native, deepspeed.bf16 None follows it, evaluation.bf16 None follows
         training, and model.attn_implementation 'auto' is eager where a CPU computes in bf16."""
@@ -213,7 +215,7 @@ def set_path(data: dict[str, Any], dotted: str, value: Any, where: str) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> ChainConfig:
     """Read, override and validate a run config; errors name the file and the field path."""
     data: dict[str, Any] = {}
     where = "defaults"
@@ -225,9 +227,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return validate_config(data, where)
 
 
-def validate_config(data: dict[str, Any], where: str) -> RunConfig:
+def validate_config(data: dict[str, Any], where: str) -> ChainConfig:
     """Validate a raw config mapping; errors name `where` and the field path."""
     try:
-        return RunConfig.model_validate(data)
+        return ChainConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(f"{where}: {validation_problems(error)}") from error

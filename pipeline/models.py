@@ -23,28 +23,20 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import transformers
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
 from tokenizers import models as tokenizer_models
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+# transformers' model code is imported where a model is built: it doubles the import time of this module,
+# which processes that only read a config or tokenize (the CLI, Ray Data's tasks) import too
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 from pipeline.hardware import bf16_support
 from procl.atomic import atomic_directory
@@ -126,6 +118,8 @@ def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrain
     token); `model.config.pad_token_id` matches its pad token. The model loads on the CPU: `auto`
     settings are settled for it unless the caller settled them (`ModelSpec.on_device`).
     """
+    from transformers import AutoModelForCausalLM
+
     spec = spec.on_device("cpu")
     dtype = getattr(torch, spec.dtype)
     if spec.name in TINY_MODELS:
@@ -154,6 +148,8 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM (under its peft wrapper) can run its LM head and loss on chosen positions only:
     its forward takes transformers' `logits_to_keep` and its loss is the standard causal-LM loss, which
     takes `shift_labels` (see `pipeline.preprocess.keep_labeled_logits`). Remote-code models may not."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters and getattr(base, "loss_function", None) is ForCausalLMLoss
 
@@ -293,6 +289,8 @@ def _write_conversion(gguf: Path, destination: Path) -> None:
 
 
 def _dequantised_model(gguf: Path) -> PreTrainedModel:
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
     )
@@ -390,6 +388,8 @@ def _tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
 
 
 def _tiny_model(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
     config: PretrainedConfig
     model_class: type[PreTrainedModel]
     if name == "tiny-llama":

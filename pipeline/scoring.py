@@ -7,7 +7,7 @@ Runs where the model is: inside the chain's worker group for the zero-shot row a
 
 from __future__ import annotations
 
-from pipeline.config import RunConfig
+from pipeline.config import ChainConfig
 from pipeline.streams import Task
 from procl import make_strategy
 
@@ -16,7 +16,7 @@ SPLITS = ("validation", "test")
 Counts = dict[str, dict[str, list[int]]]
 
 
-def load_trained(config: RunConfig, state: tuple[dict, dict] | None):
+def load_trained(config: ChainConfig, state: tuple[dict, dict] | None):
     """(model, tokenizer, strategy) at a chain state (tensors, metadata from `strategy.state`), or the base
     model when `state` is None (the zero-shot row)."""
     from pipeline.models import load_model_and_tokenizer
@@ -29,7 +29,7 @@ def load_trained(config: RunConfig, state: tuple[dict, dict] | None):
     return model, tokenizer, strategy
 
 
-def model_to_score(config: RunConfig, state: tuple[dict, dict] | None):
+def model_to_score(config: ChainConfig, state: tuple[dict, dict] | None):
     """(model, tokenizer) as inference will run it: merged into the base weights when the chain exports a
     plain LoRA (the scores are those of the exported model), else with the strategy's modules."""
     model, tokenizer, _ = load_trained(config, state)
@@ -38,7 +38,7 @@ def model_to_score(config: RunConfig, state: tuple[dict, dict] | None):
     return model, tokenizer
 
 
-def count_correct(model, tokenizer, tasks: list[Task], config: RunConfig, rank: int = 0, world_size: int = 1) -> Counts:
+def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank: int = 0, world_size: int = 1) -> Counts:
     """Correct answers and examples scored per split and task, over every `world_size`-th example from `rank`."""
     import torch
 
@@ -71,7 +71,7 @@ def scores_from_counts(shards: list[Counts]) -> dict[str, dict[str, float]]:
     return scores
 
 
-def score_tasks(model, tokenizer, tasks: list[Task], config: RunConfig) -> dict[str, dict[str, float]]:
+def score_tasks(model, tokenizer, tasks: list[Task], config: ChainConfig) -> dict[str, dict[str, float]]:
     """{split: {task: score}} on the validation and test splits of `tasks`, in this process."""
     return scores_from_counts([count_correct(model, tokenizer, tasks, config)])
 

@@ -31,11 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-from pipeline.config import RunConfig
+from pipeline.config import ChainConfig
 from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
 from pipeline.preprocess import TrimPadding
+from pipeline.ray_workers import verbose
 from pipeline.scoring import count_correct, load_trained, model_to_score, scores_from_counts
 from pipeline.task_results import ADAPTER, OPTIMIZER, PROGRESS, RESULT, STATE
 from procl import make_strategy
@@ -47,11 +49,11 @@ console = logging.getLogger(__name__)
 
 
 
-def deepspeed_config(config: RunConfig) -> dict[str, Any]:
+def deepspeed_config(config: ChainConfig) -> dict[str, Any]:
     """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles).
-    `config` is settled for its device (`RunConfig.on_device`): precision is decided by then."""
+    `config` is settled for its device (`ChainConfig.on_device`): precision is decided by then."""
     if config.deepspeed.bf16 is None:
-        raise ValueError("deepspeed_config needs a config settled for its device (RunConfig.on_device): deepspeed.bf16 is still None")
+        raise ValueError("deepspeed_config needs a config settled for its device (ChainConfig.on_device): deepspeed.bf16 is still None")
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     offload = config.deepspeed.offload_optimizer
     if offload:
@@ -218,7 +220,7 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_s
         return ResumePoint(position, state, progress, read_optimizer_state(Path(folder), rank), same_fit)
 
 
-def build_training_model(config: RunConfig, state: tuple[dict, dict] | None):
+def build_training_model(config: ChainConfig, state: tuple[dict, dict] | None):
     """(model, strategy) to train a task from: the base model with the strategy's modules, at `state` (None: the
     chain's start), with activation checkpointing when training.gradient_checkpointing."""
     model, _ = load_model_and_tokenizer(config.model)
@@ -232,7 +234,7 @@ def build_training_model(config: RunConfig, state: tuple[dict, dict] | None):
     return model, strategy
 
 
-def lr_schedule(config: RunConfig, steps: int, steps_done: int):
+def lr_schedule(config: ChainConfig, steps: int, steps_done: int):
     """The task's LR schedule for `deepspeed.initialize` (built on the optimizer DeepSpeed steps): transformers'
     `get_scheduler` over the task's `steps`, moved on by the `steps_done` that a resumed task has trained."""
     from transformers import get_scheduler
@@ -249,7 +251,7 @@ def lr_schedule(config: RunConfig, steps: int, steps_done: int):
     return build
 
 
-def _micro_batches(shard, config: RunConfig, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def _micro_batches(shard, config: ChainConfig, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's micro-batches of the task, epoch after epoch."""
     for _ in range(config.training.epochs):
         yield from shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate, device=device)
@@ -262,7 +264,9 @@ def train_chain(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    config = RunConfig.model_validate(loop_config["config"])
+    config = ChainConfig.model_validate(loop_config["config"])
+    if not verbose():  # transformers' "Loading weights" bar, per rank and model load, would bury the progress lines
+        transformers.utils.logging.disable_progress_bar()
     deepspeed = _init_deepspeed(config.scaling.use_gpu)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -348,7 +352,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         _report_export(config, state, {"fit_id": fit_id, "task_index": plan[-1]["index"] if plan else None, "task_done": True}, rank)
 
 
-def _report_export(config: RunConfig, state: tuple[dict, dict], progress: dict[str, Any], rank: int) -> None:
+def _report_export(config: ChainConfig, state: tuple[dict, dict], progress: dict[str, Any], rank: int) -> None:
     """Rank 0 writes `state`'s consolidated adapter as a plain peft LoRA into a checkpoint (`adapter/`), which
     the driver's callback publishes in the run folder; the other ranks report along."""
     import ray.train
@@ -363,7 +367,7 @@ def _report_export(config: RunConfig, state: tuple[dict, dict], progress: dict[s
         ray.train.report({"exported": 1}, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def settle_precision(config: RunConfig, device: torch.device, rank: int) -> RunConfig:
+def settle_precision(config: ChainConfig, device: torch.device, rank: int) -> ChainConfig:
     """The config with its precision settled for rank 0's device and shared with every rank: DeepSpeed
     needs all ranks in one precision, whatever hardware each landed on."""
     import torch.distributed as dist
@@ -372,10 +376,10 @@ def settle_precision(config: RunConfig, device: torch.device, rank: int) -> RunC
     dist.broadcast_object_list(settled, src=0)
     if rank == 0 and device.type != "cpu":  # a CPU chain's driver has said it already
         console.info(config.precision_note())
-    return RunConfig.model_validate(settled[0])
+    return ChainConfig.model_validate(settled[0])
 
 
-def _score(config: RunConfig, state: tuple[dict, dict] | None, tasks: list, rank: int, world_size: int,
+def _score(config: ChainConfig, state: tuple[dict, dict] | None, tasks: list, rank: int, world_size: int,
            device: torch.device) -> dict[str, dict[str, float]]:
     """{split: {task: score}} on `device`: each rank scores every `world_size`-th example of each split, the counts are summed."""
     import torch.distributed as dist

@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.console import Console
 
-from pipeline.config import ConfigError, RunConfig, set_path, validate_config
+from pipeline.config import ConfigError, ChainConfig, set_path, validate_config
 from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import metrics
 from procl.atomic import atomic_write_text
@@ -164,7 +164,7 @@ def objective(validation_matrix: list[list[float]], forgetting_penalty: float) -
     return metrics.average_accuracy(validation_matrix) - forgetting_penalty * (0.0 if math.isnan(forgetting) else forgetting)
 
 
-def max_concurrent_trials(config: RunConfig, cluster: dict[str, float]) -> int:
+def max_concurrent_trials(config: ChainConfig, cluster: dict[str, float]) -> int:
     """How many trials' training worker groups fit in the cluster at once (at least 1)."""
     fits = [cluster.get("CPU", 0.0) // (config.scaling.num_workers * config.scaling.cpus_per_worker)]
     if config.scaling.use_gpu:
@@ -217,7 +217,7 @@ class SweepResult(BaseModel):
     tracking_uri: str
 
 
-def run_sweep(config: RunConfig, config_file: Path | None, space_file: Path, trials: int, name: str | None = None,
+def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, trials: int, name: str | None = None,
               max_concurrent: int | None = None, seed: int = 0) -> SweepResult:
     """Run (or resume) a sweep of `config` over `space_file` with `trials` Optuna trials."""
     import ray
@@ -313,7 +313,7 @@ def _best_result(grid, num_tasks: int):
     return max(finished, key=lambda r: r.metrics[OBJECTIVE])
 
 
-def _write_best_config(path: Path, config: RunConfig, space: SearchSpace, values: dict[str, Any], sweep: str,
+def _write_best_config(path: Path, config: ChainConfig, space: SearchSpace, values: dict[str, Any], sweep: str,
                        best_metrics: dict[str, Any]) -> Path:
     """The user's config with the space's fixed settings and the best values: `procl run` it as is.
 

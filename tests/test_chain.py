@@ -2,7 +2,7 @@
 
 2 workers x 1 CPU (all of this machine's cores), 3 small tasks of real text from the bundled
 datasets. Checks the accuracy matrix, the MLflow runs and artifacts, the exported adapter in
-vanilla peft, and that a re-submitted chain skips the tasks a killed driver had finished.
+vanilla peft. (A re-submitted chain after a killed driver: tests/test_worker_failure.py.)
 """
 
 from __future__ import annotations
@@ -154,32 +154,6 @@ def kill_driver_when(args: list[str], ready: Callable[[], bool], timeout: float 
         driver.wait()
 
 
-def test_a_resubmitted_chain_skips_tasks_a_killed_driver_finished(tmp_path):
-    config = write_config(tmp_path, "resume")
-    run_dir = tmp_path / "runs" / "resume"
-    manifest_path = run_dir / "manifest.json"
-    # kill the driver once the first task is recorded
-    kill_driver_when(["run", str(config)], lambda: manifest_path.exists() and bool(json.loads(manifest_path.read_text())["tasks"]))
-    recorded = json.loads((run_dir / "manifest.json").read_text())
-    first = recorded["tasks"][0]
-    # the kill may land before or after the task reached MLflow; make it "before" every time: the resumed
-    # chain must then log the task, reusing its nested run if the killed driver had already opened one
-    first["mlflow_run_id"] = None
-    (run_dir / "manifest.json").write_text(json.dumps(recorded))
-
-    result = run_cli("run", str(config))
-    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
-    assert "task 1/3 amazon: finished earlier, skipped" in result.stdout
-    # the killed driver's lock died with it; its owner file is what it left, and the takeover is said
-    assert "took over" in result.stderr and "from a driver that is no longer running" in result.stderr
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc", "yahoo"]
-    assert manifest["tasks"][0]["tensors_sha256"] == first["tensors_sha256"]  # not retrained
-    _, runs = mlflow_runs(run_dir)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(r.data.tags["task_index"] for r in children) == ["0", "1", "2"]  # no duplicates
-
-
 def test_a_run_folder_of_another_chain_is_refused(tmp_path):
     config = write_config(tmp_path, "other")
     run_dir = tmp_path / "runs" / "other"
@@ -190,14 +164,22 @@ def test_a_run_folder_of_another_chain_is_refused(tmp_path):
     assert "holds a chain with different settings" in result.stderr
 
 
-def test_the_reference_mlp_variant_runs_unmerged_within_a_step_budget_and_ends_without_an_adapter_export(tmp_path):
-    """ProCL's reference-fidelity variant keeps an MLP at inference: scored unmerged, not exported as LoRA."""
+def test_the_reference_mlp_variant_of_a_model_folder_runs_quietly_unmerged_within_a_step_budget_without_an_adapter_export(tmp_path):
+    """ProCL's reference-fidelity variant keeps an MLP at inference: scored unmerged, not exported as LoRA. With a
+    step budget, and the model read from a folder, as a user's own model is (transformers' loading bars stay quiet)."""
+    from pipeline.models import ModelSpec, load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
     config = write_config(tmp_path, "reference-mlp")
-    # and a step budget: 1 of the 2 steps each task's data gives
+    # the step budget: 1 of the 2 steps each task's data gives
     result = run_cli("run", str(config), "--set", "stream.max_tasks=2", "--set", "strategy.procl.formulation=reference",
-                     "--set", "strategy.procl.reference_mlp=true", "--set", "training.max_steps=1")
+                     "--set", "strategy.procl.reference_mlp=true", "--set", "training.max_steps=1",
+                     "--set", f"model.name={tmp_path / 'model'}")
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     assert "no adapter export: procl.reference_mlp" in result.stdout and "adapter (plain peft LoRA)" not in result.stdout
+    assert "Loading weights" not in result.stdout + result.stderr
     manifest = json.loads((tmp_path / "runs" / "reference-mlp" / "manifest.json").read_text())
     assert len(manifest["tasks"]) == 2 and manifest["adapter_dir"] is None
     assert [len(t["losses"]) for t in manifest["tasks"]] == [1, 1]
@@ -215,10 +197,10 @@ from pathlib import Path
 from pipeline import chain
 from pipeline.config import load_config
 
-config = load_config(Path({str(config)!r}), [])
+# no restarts: they would fail alike (test_worker_failure.py tests them), ~25 s each
+config = load_config(Path({str(config)!r}), ["scaling.max_failures=0"])
 tasks = chain.select_tasks(config)
 chain.init_ray(config)
-chain.MAX_WORKER_FAILURES = 0  # the restarts would fail alike (test_worker_failure.py tests them): ~25 s each
 try:  # the workers cannot load the previous task's state
     list(chain._worker_group_results(config, tasks, [(0, [list(p) for p in tasks[0].training_texts()])],
                                      Path({str(tmp_path / "no-such-checkpoint")!r}), zero_shot=False, export=False))

@@ -59,9 +59,10 @@ def task_logged(manifest_path: Path, index: int) -> bool:
 def test_a_full_disk_stops_the_chain_cleanly_and_the_chain_resumes_once_space_is_freed(small_disk, tmp_path):
     config = write_config(tmp_path, "full")
     # 48 steps per task: task 2 trains for several seconds, so its end comes after the disk is full (the
-    # worker group goes on to task 2 while the driver still logs task 1)
+    # worker group goes on to task 2 while the driver still logs task 1). No restarts of the worker group:
+    # each would fail alike on the full disk (restarts are test_worker_failure.py's), ~25 s each here.
     args = ["run", str(config), "--set", f"output_dir={small_disk / 'runs'}", "--set", "stream.max_tasks=2",
-            "--set", "training.epochs=6", "--set", "training.batch_size=1"]
+            "--set", "training.epochs=6", "--set", "training.batch_size=1", "--set", "scaling.max_failures=0"]
     run_dir = small_disk / "runs" / "full"
     log = tmp_path / "driver.log"  # not on the small disk
     with log.open("w") as out:

@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_embedded_model_scores_yahoo_topics_above_chance_zero_shot(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name="smollm2-135m"))
-    yahoo = next(t for t in load_stream(ROOT / "configs" / "streams" / "demo.yaml", "order1") if t.name == "yahoo")
+    yahoo = next(t for t in load_stream(ROOT / "configs" / "streams" / "topics.yaml", "order1") if t.name == "yahoo")
     assert len(yahoo.answers) == 10  # chance is 0.1
     with torch.inference_mode():
         correct = answered_correctly(model, tokenizer, yahoo.prompts("test"), yahoo.targets("test"), "accuracy", yahoo.answers, 16)
         accuracy = sum(correct) / len(correct)
-    assert accuracy >= 0.25, accuracy  # measured 0.41 on the 32 demo test questions
+    assert accuracy >= 0.25, accuracy  # measured 0.41 on the 32 test questions
 
 
 def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkeypatch):
@@ -32,7 +32,7 @@ def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkey
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name="smollm2-135m"))
-    (full,) = [t for t in load_stream(ROOT / "configs" / "streams" / "demo.yaml", "order1") if t.name == "yahoo"]
+    (full,) = [t for t in load_stream(ROOT / "configs" / "streams" / "topics.yaml", "order1") if t.name == "yahoo"]
     # 8 questions per split: bf16 is emulated, several times slower, on a CPU without AVX512-BF16 / AMX
     yahoo = [dataclasses.replace(full, splits={split: full.splits[split][:8] for split in ("validation", "test")})]
     seen_dtypes = []
@@ -45,5 +45,5 @@ def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkey
         scores[bf16] = score_tasks(model, tokenizer, yahoo, config)
         assert set(seen_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
     assert load_config(None, ["model.dtype=float32"]).scores_in_bf16() is False  # fp32 training scores in fp32
-    for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of 48 demo answers equal (demo adapter)
+    for split in ("validation", "test"):  # benchmarks/eval_precision.py: 47 of 48 answers equal (a trained adapter)
         assert abs(scores[True][split]["yahoo"] - scores[False][split]["yahoo"]) <= 1 / 8 + 1e-9

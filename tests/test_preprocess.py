@@ -149,7 +149,7 @@ def test_ray_data_feeds_a_torch_trainer_with_every_cpu_taken(local_ray, tmp_path
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    task = load_stream(CONFIGS / "demo.yaml", "order1")[1]  # amazon reviews, real text
+    task = load_stream(CONFIGS / "topics.yaml", "order1")[1]  # amazon reviews, real text
     dataset = tokenized_dataset(task.training_texts(), partial(load_tokenizer, TINY), max_length=1024)
     assert dataset.count() == 48
     tokenizer = load_tokenizer(TINY)

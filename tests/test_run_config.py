@@ -68,9 +68,9 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 def test_plan_reports_tasks_sizes_steps_and_time_without_training():
     summary = plan(load_config(ROOT / "configs" / "demo.yaml"))
-    assert [row["task"] for row in summary["tasks"]] == ["dbpedia", "amazon", "yahoo", "bbc"]
-    assert all(row["sizes"] == {"train": 48, "validation": 16, "test": 32} for row in summary["tasks"])
-    assert all(row["steps"] == 48 // (4 * 2) for row in summary["tasks"])
+    assert [row["task"] for row in summary["tasks"]] == ["banking", "hwu", "stackoverflow"]
+    assert all(row["sizes"] == {"train": 192, "validation": 16, "test": 32} for row in summary["tasks"])
+    assert all(row["steps"] == 192 // (4 * 2) for row in summary["tasks"])
     assert summary["workers"] == 2 and summary["estimated_minutes_cpu"] > 0
 
 

@@ -163,15 +163,15 @@ def test_default_verbalizer_splits_camel_case_and_underscores():
 # -- bundled streams (real data from installed packages) ----------------------------------------
 
 
-@pytest.mark.parametrize("stream", ["standard", "demo"])
+@pytest.mark.parametrize("stream", ["standard", "topics"])
 def test_bundled_streams_parse_with_three_orders_of_the_same_tasks(stream):
     spec = parse_stream(CONFIGS / f"{stream}.yaml")
     assert sorted(spec.orders) == ["order1", "order2", "order3"]
     assert all(sorted(order) == ["amazon", "bbc", "dbpedia", "yahoo"] for order in spec.orders.values())
 
 
-def test_demo_stream_loads_real_data_with_all_splits():
-    tasks = load_stream(CONFIGS / "demo.yaml", "order1")
+def test_topics_stream_loads_real_data_with_all_splits():
+    tasks = load_stream(CONFIGS / "topics.yaml", "order1")
     assert [t.name for t in tasks] == ["dbpedia", "amazon", "yahoo", "bbc"]
     expected_answers = {"dbpedia": 8, "amazon": 2, "yahoo": 10, "bbc": 5}
     for task in tasks:

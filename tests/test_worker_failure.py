@@ -19,14 +19,14 @@ import pytest
 import yaml
 from test_chain import ROOT, mlflow_runs, write_config
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import ChainConfig, load_config
 
 pytestmark = pytest.mark.integration
 
 TRAIN_EXAMPLES = 64  # 8 optimizer steps per task with 2 workers x batch 4: room to strike between checkpoints
 
 
-def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -> tuple[list[str], RunConfig]:
+def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -> tuple[list[str], ChainConfig]:
     """CLI arguments and config of the chain tests' chain with 2 tasks of 8 steps, a checkpoint after every step."""
     path = write_config(tmp_path, run_name)
     stream = yaml.safe_load((tmp_path / "stream.yaml").read_text())
@@ -37,7 +37,7 @@ def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -
     return ["run", str(path), *(arg for setting in settings for arg in ("--set", setting))], load_config(path, settings)
 
 
-def registered_mid_task_checkpoint(config: RunConfig, task_index: int) -> bool:
+def registered_mid_task_checkpoint(config: ChainConfig, task_index: int) -> bool:
     """Ray Train's controller has registered an in-task checkpoint of this task: a restart would get it.
     (A folder on disk is not enough: a worker killed before the controller polled it leaves an orphan.)"""
     snapshot = config.run_dir() / "ray" / "chain" / "checkpoint_manager_snapshot.json"  # the chain's one Ray Train run
@@ -48,7 +48,7 @@ def registered_mid_task_checkpoint(config: RunConfig, task_index: int) -> bool:
     return bool(latest) and latest["metrics"]["task_index"] == task_index and "task_done" not in latest["metrics"]
 
 
-def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callable[[], bool], timeout: float = 600) -> None:
+def run_chain_with_fault(cli_args: list[str], config: ChainConfig, strike: Callable[[], bool], timeout: float = 600) -> None:
     """`python -m pipeline *cli_args` in its own process (a fresh Ray per chain), while this process calls
     `strike()` every 0.2 s, once task 0 has a registered in-task checkpoint, until it returns True.
     Fails if the chain fails or the fault never happened."""
@@ -71,7 +71,7 @@ def run_chain_with_fault(cli_args: list[str], config: RunConfig, strike: Callabl
     assert struck, "the fault never happened: the test did not exercise a failure"
 
 
-def assert_resumed_and_complete(config: RunConfig) -> None:
+def assert_resumed_and_complete(config: ChainConfig) -> None:
     """Task 0 resumed from an in-task checkpoint; both tasks have every step once; one MLflow run per task."""
     manifest = json.loads((config.run_dir() / "manifest.json").read_text())
     resumed_at = manifest["tasks"][0]["resumed_at"]
@@ -111,21 +111,41 @@ def test_a_killed_training_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert_resumed_and_complete(config)
 
 
-def test_a_driver_killed_mid_task_resumes_that_task_and_ends_like_an_uninterrupted_chain(tmp_path):
+def test_a_resubmitted_chain_skips_what_a_killed_driver_finished_resumes_its_task_and_ends_like_an_uninterrupted_chain(tmp_path):
     from test_chain import kill_driver_when, run_cli
 
     cli_args, config = long_task_config(tmp_path, "driver-kill")
-    # SIGKILL the driver and its local Ray once the second task has a registered in-task checkpoint
-    kill_driver_when(cli_args, lambda: registered_mid_task_checkpoint(config, 1))
-    first_task = json.loads((config.run_dir() / "manifest.json").read_text())["tasks"][0]
+    manifest_path = config.run_dir() / "manifest.json"
+
+    def task_1_recorded_and_task_2_checkpointed() -> bool:
+        try:
+            recorded = json.loads(manifest_path.read_text())["tasks"]
+        except (OSError, json.JSONDecodeError):
+            return False
+        return len(recorded) == 1 and registered_mid_task_checkpoint(config, 1)
+
+    # SIGKILL the driver and its local Ray once task 1 is recorded and task 2 has a registered in-task checkpoint
+    kill_driver_when(cli_args, task_1_recorded_and_task_2_checkpointed)
+    recorded = json.loads(manifest_path.read_text())
+    first_task = recorded["tasks"][0]
+    # the kill may land before or after task 1 reached MLflow; make it "before" every time: the resumed chain
+    # must then log the task, reusing its nested run if the killed driver had already opened one
+    first_task["mlflow_run_id"] = None
+    manifest_path.write_text(json.dumps(recorded))
 
     resumed = run_cli(*cli_args)
     assert resumed.returncode == 0, resumed.stderr[-5000:]
-    # task 0 was not retrained; task 1 continued from its checkpoint (Ray Train resumes a run of the same
+    assert "task 1/2 amazon: finished earlier, skipped" in resumed.stdout
+    # the killed driver's lock died with it; its owner file is what it left, and the takeover is said
+    assert "took over" in resumed.stderr and "from a driver that is no longer running" in resumed.stderr
+    # task 1 was not retrained; task 2 continued from its checkpoint (Ray Train resumes a run of the same
     # name and storage path), not from its start
-    manifest = json.loads((config.run_dir() / "manifest.json").read_text())
+    manifest = json.loads(manifest_path.read_text())
     assert manifest["tasks"][0]["tensors_sha256"] == first_task["tensors_sha256"]
-    assert manifest["tasks"][1]["resumed_at"], "task 1 restarted from its start"
+    assert manifest["tasks"][1]["resumed_at"], "task 2 restarted from its start"
+    _, runs = mlflow_runs(config.run_dir())
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.data.tags["task_index"] for r in children) == ["0", "1"]  # no duplicates
 
     reference_args, reference = long_task_config(tmp_path, "uninterrupted")
     assert run_cli(*reference_args).returncode == 0
