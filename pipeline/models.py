@@ -33,13 +33,13 @@ from tokenizers import models as tokenizer_models
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from pipeline.hardware import bf16_support
+from procl.atomic import atomic_directory
+
 # transformers' model code is imported where a model is built: it doubles the import time of this module,
 # which processes that only read a config or tokenize (the CLI, Ray Data's tasks) import too
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-
-from pipeline.hardware import bf16_support
-from procl.atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,6 @@ class ModelSpec(BaseModel):
 def _check_flash_attention(device: torch.device | str, dtype: str) -> None:
     """FlashAttention-2 runs only in CUDA kernels of the flash-attn package, in half precision: say so before
     anything starts, rather than in transformers' error at the first model load."""
-    import importlib.util
-
     if torch.device(device).type != "cuda":
         raise ValueError(f"model.attn_implementation: flash_attention_2 runs on CUDA GPUs only, not on {torch.device(device).type}; "
                          "use 'auto' (or 'sdpa') there")

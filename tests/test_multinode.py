@@ -91,12 +91,12 @@ def test_the_chain_trains_across_nodes_and_continues_on_the_remaining_ones_when_
     assert config.scaling.worker_resources() == {"CPU": 1.0, "worker_node": 1.0}
     removed: list[str] = []
 
-    def training_workers(**alive) -> list:
-        filters = [("class_name", "=", "RayTrainWorker")] + [("state", "=", "ALIVE")] * bool(alive)
+    def training_workers(alive_only: bool = False) -> list:
+        filters = [("class_name", "=", "RayTrainWorker")] + ([("state", "=", "ALIVE")] if alive_only else [])
         return list_actors(address=head.address, filters=filters, detail=True, limit=1000)
 
     def remove_a_training_node() -> bool:
-        busy = {actor.node_id for actor in training_workers(alive=True)}
+        busy = {actor.node_id for actor in training_workers(alive_only=True)}
         victim = next((node for node in worker_nodes if node.node_id in busy), None)
         if victim is not None:
             head.remove_node(victim)

@@ -1,5 +1,6 @@
 """A training worker killed mid-task: Ray Train restarts the worker group from the task's last in-task
 checkpoint (FailureConfig + `ray.train.get_checkpoint`) and the chain finishes with nothing lost or doubled.
+A driver killed mid-task: the re-submitted chain skips the finished task and resumes the killed one.
 
 The helpers here also serve the node-loss test in test_multinode.py.
 """
