@@ -15,12 +15,12 @@ seen so far, after each task, plus the zero-shot row and the adapter export).
 - bare: one process, torch threads = num_workers x cpus_per_worker (2 here), model loaded once;
   per task the same tokenisation (`TokenizeBatch`), each optimizer step over num_workers micro-batches
   of batch_size rows (gradients averaged: the data-parallel gradient), torch AdamW, the hooks, then
-  scoring a merged copy of the model (what the pipeline's evaluation task scores).
+  scoring the same model with its adapters (as the pipeline's workers do).
 
 Where the pipeline's time goes is measured without touching the pipeline: the benchmark wraps
 driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, MLflow logging) and, inside the
-Ray Train workers (wrappers shipped with the job), DeepSpeed init_distributed, the zero-shot scoring,
-each task's model load, deepspeed.initialize, the waits for batches, after_task, scoring and reports,
+Ray Train workers (wrappers shipped with the job), DeepSpeed init_distributed, the base model's load
+(once per chain), the zero-shot scoring, each task's adapter attach, deepspeed.initialize, the waits for batches, after_task, scoring and reports,
 and the export. A task's pipeline time is the driver's: from the previous task's
 results (the start of training for the first) to this task's. Prints tables, then one JSON line (the last line).
 """
@@ -28,7 +28,6 @@ results (the start of training for the first) to this task's. Prints tables, the
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -57,15 +56,15 @@ def _append(log_path: str, record: dict) -> None:
 
 def make_timed_train_chain(log_path: str):
     """The pipeline's `train_chain`, with timed calls written to `log_path` (one JSON line per rank):
-    [name, task index, start, seconds] for the model load, deepspeed.initialize, batch waits, after_task,
-    scoring and reports of every task (task None: the zero-shot row), the export, and the loop's entry and exit."""
+    [name, task index, start, seconds] for the base model's load, and the adapter attach, deepspeed.initialize,
+    batch waits, after_task, scoring and reports of every task (task None: the zero-shot row), the export, and
+    the loop's entry and exit."""
 
     def timed_train_chain(loop_config):
         import time
 
         import ray.train
 
-        import pipeline.scoring as scoring
         import pipeline.train_worker as tw
 
         calls: list = []
@@ -81,7 +80,7 @@ def make_timed_train_chain(log_path: str):
                     calls.append([name, current["task"], start, time.time() - start])
             return inner
 
-        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_model_and_tokenizer", "make_strategy", "_report", "_score",
+        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_base_model", "attach_strategy", "_report", "_score",
                                                         "_report_export")}
 
         def init_deepspeed(use_gpu):
@@ -91,16 +90,14 @@ def make_timed_train_chain(log_path: str):
             marks["_restore"] = (deepspeed, initialize)
             return deepspeed
 
-        def make_strategy(*args, **kwargs):
-            strategy = original["make_strategy"](*args, **kwargs)
-            strategy.after_task = timed("after_task", strategy.after_task)
-            return strategy
-
         planned = iter([entry["index"] for entry in loop_config["plan"]])
 
-        def load_model(*args, **kwargs):  # a task's first step: the loop loads a fresh model per task
-            current["task"] = next(planned)
-            return timed("model_load", original["load_model_and_tokenizer"])(*args, **kwargs)
+        def attach_strategy(*args, **kwargs):  # a task's first step (and the export's)
+            if current["task"] != "export":
+                current["task"] = next(planned)
+            model, strategy = timed("attach", original["attach_strategy"])(*args, **kwargs)
+            strategy.after_task = timed("after_task", strategy.after_task)
+            return model, strategy
 
         class Shard:  # counts the time the loop waits for batches
             def __init__(self, shard, index):
@@ -122,8 +119,8 @@ def make_timed_train_chain(log_path: str):
         for entry in loop_config["plan"]:
             entry["shards"] = [Shard(shard, entry["index"]) for shard in entry["shards"]]
         tw._init_deepspeed = init_deepspeed
-        tw.load_model_and_tokenizer = load_model
-        tw.make_strategy = make_strategy
+        tw.load_base_model = timed("model_load", original["load_base_model"])
+        tw.attach_strategy = attach_strategy
         tw._report = timed("report", original["_report"])
         tw._score = timed("score", original["_score"])
 
@@ -132,14 +129,11 @@ def make_timed_train_chain(log_path: str):
             return timed("export", original["_report_export"])(*args, **kwargs)
 
         tw._report_export = report_export
-        load_trained = scoring.load_trained
-        scoring.load_trained = timed("score_model_load", load_trained)
         try:
             tw.train_chain(loop_config)  # the real worker loop
         finally:
             for name, fn in original.items():
                 setattr(tw, name, fn)
-            scoring.load_trained = load_trained
             if "_restore" in marks:
                 deepspeed, initialize = marks.pop("_restore")
                 deepspeed.initialize = initialize
@@ -223,14 +217,14 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
 
     per_task = []
     for index, name in enumerate(names):
-        loads = worker_calls("model_load", index)
+        loads = worker_calls("attach", index)
         if not loads:
             continue
         waits = worker_calls("batch_wait", index)
         initialize, after, report, score = (worker_calls(n, index) for n in ("deepspeed_initialize", "after_task", "report", "score"))
         task_start, task_end = loads[0][2], report[-1][2] + report[-1][3]
         phases = {
-            "model_load_s": sum(c[3] for c in loads),
+            "attach_s": sum(c[3] for c in loads),
             "deepspeed_initialize_s": sum(c[3] for c in initialize),
             # first batch -> after_task, batch waits included
             "train_loop_s": after[0][2] - (initialize[-1][2] + initialize[-1][3]),
@@ -238,7 +232,6 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
             "data_wait_s": sum(c[3] for c in waits),
             "after_task_s": sum(c[3] for c in after),
             "score_s": sum(c[3] for c in score),
-            "score_model_load_s": sum(c[3] for c in worker_calls("score_model_load", index)),
             "report_s": sum(c[3] for c in report),
             "batches": len(waits) - 1,  # the last wait ends the iteration
             "worker_task_s": task_end - task_start,
@@ -247,7 +240,7 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
         per_task.append({"task": name, **phases})
 
     fit = spans("fit")
-    first_load = min((c[2] for c in zero["calls"] if c[0] == "model_load"), default=math.nan)
+    first_load = min((c[2] for c in zero["calls"] if c[0] == "attach"), default=math.nan)
     chain_level = {
         "ray_init_s": sum(e["end"] - e["start"] for e in spans("ray_init")),
         "mlflow_start_s": sum(e["end"] - e["start"] for e in spans("mlflow_start")),
@@ -258,7 +251,7 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
         "fit_tear_down_s": (fit[-1]["end"] - max(w["exit"] for w in workers)) if workers and fit else 0.0,
         "worker_entry_to_first_task_s": first_load - zero.get("entry", first_load),
         "zero_shot_s": sum(c[3] for c in worker_calls("score", None)),
-        "zero_shot_model_load_s": sum(c[3] for c in worker_calls("score_model_load", None)),
+        "model_load_s": sum(c[3] for c in worker_calls("model_load", None)),
         "export_s": sum(c[3] for c in worker_calls("export", "export")),
     }
     return {"per_task": per_task, "chain": chain_level}
@@ -343,9 +336,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         train_s = time.time() - t
 
         t = time.time()
-        scored = copy.deepcopy(model).merge_and_unload() if plain_lora else model
-        scores = evaluate(scored, tasks[: index + 1])
-        del scored
+        scores = evaluate(model, tasks[: index + 1])
         eval_s = time.time() - t
         rows_matrix.append([scores["test"].get(other.name, math.nan) for other in tasks])
         validation_rows.append([scores["validation"].get(other.name, math.nan) for other in tasks])
@@ -436,10 +427,9 @@ def main() -> None:
            [[t["task"], t["steps"], t["pipeline_s"], t["bare_s"], f"{t['pipeline_s'] / t['bare_s']:.2f}",
              t["pipeline"].get("train_loop_s", math.nan), t["bare"]["train_s"], t["pipeline"].get("score_s", math.nan), t["bare"]["eval_s"]]
             for t in per_task])
-    columns = ("model_load_s", "deepspeed_initialize_s", "train_loop_s", "data_wait_s", "after_task_s", "score_model_load_s", "score_s",
-               "report_s", "mlflow_s")
+    columns = ("attach_s", "deepspeed_initialize_s", "train_loop_s", "data_wait_s", "after_task_s", "score_s", "report_s", "mlflow_s")
     _table("pipeline: where each task's time goes in the worker loop (rank 0) and the driver (s)",
-           ["task", "model load", "ds init", "loop", "(data wait)", "after_task", "(score load)", "score", "report", "mlflow"],
+           ["task", "attach", "ds init", "loop", "(data wait)", "after_task", "score", "report", "mlflow"],
            [[t["task"], *(t["pipeline"].get(k, math.nan) for k in columns)] for t in per_task])
     chain_level = {k: round(v, 2) for k, v in breakdown["chain"].items()}
     print("\nchain level (s): " + ", ".join(f"{k} {v}" for k, v in chain_level.items()))
@@ -448,10 +438,10 @@ def main() -> None:
         "fit_start_up_s": chain_level.get("fit_start_up_s", 0),
         "fit_tear_down_s": chain_level.get("fit_tear_down_s", 0),
         "ray_data_s": chain_level.get("ray_data_s", 0),
-        "worker_model_load_s": sum(t["pipeline"].get("model_load_s", 0) for t in per_task),
+        "worker_model_load_s": chain_level.get("model_load_s", 0),
+        "adapter_attach_s": sum(t["pipeline"].get("attach_s", 0) for t in per_task),
         "init_distributed_s": chain_level.get("init_distributed_s", 0),
         "deepspeed_initialize_s": sum(t["pipeline"].get("deepspeed_initialize_s", 0) for t in per_task),
-        "eval_model_load_s": sum(t["pipeline"].get("score_model_load_s", 0) for t in per_task) + chain_level.get("zero_shot_model_load_s", 0),
         "mlflow_s": sum(t["pipeline"].get("mlflow_s", 0) for t in per_task) + chain_level.get("mlflow_start_s", 0),
         "ray_init_s": chain_level.get("ray_init_s", 0),
     }

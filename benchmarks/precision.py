@@ -82,13 +82,13 @@ class TorchVariant:
 
 
 class DeepSpeedVariant:
-    """One-rank DeepSpeed bf16, configured as pipeline.train_worker does."""
+    """One-rank DeepSpeed bf16, configured as pipeline.runtime does."""
 
     def __init__(self, batch: int, answer_logits_only: bool = False, attention: str | None = None) -> None:
         import deepspeed
 
         from pipeline.config import ChainConfig
-        from pipeline.train_worker import deepspeed_config
+        from pipeline.runtime import deepspeed_config
 
         if not deepspeed.comm.is_initialized():
             with socket.socket() as probe:

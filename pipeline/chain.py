@@ -312,7 +312,8 @@ def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: 
     state_dir = Path(results["state_dir"])
     scores = results["scores"]
     record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
-                        scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"])
+                        scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"],
+                        memory=results["memory"])
     manifest.record(record)
     return record
 
@@ -338,6 +339,7 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
     task_metrics |= {k: v for k, v in summary.items() if not math.isnan(v)}
     task_metrics["validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
     task_metrics |= {f"seconds/{phase}": value for phase, value in record.seconds.items()}
+    task_metrics |= {f"memory/{name}": value for name, value in record.memory.items()}
     meta = json.loads((state_dir / META_FILE).read_text())
     return tracker.log_task(
         record.index,

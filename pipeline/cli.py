@@ -72,7 +72,12 @@ def plan(config: ChainConfig) -> dict:
     from pipeline.streams import check_answers_tokenize
 
     tasks = select_tasks(config)
-    check_answers_tokenize(tasks, load_tokenizer(config.model))  # the model spec and answer words, as `run` checks them
+    tokenizer = load_tokenizer(config.model, download=False)  # a dry run downloads nothing
+    if tokenizer is None:
+        answers = f"not checked: {config.model.name} is not in the local Hugging Face cache (`run` checks them before training)"
+    else:
+        check_answers_tokenize(tasks, tokenizer)  # the model spec and answer words, as `run` checks them
+        answers = "checked: every answer word of every task tokenizes"
     tokens_per_step = config.training.batch_size * config.training.gradient_accumulation * config.training.max_length / 2
     settled = config.on_device("cpu")  # the estimate is for a CPU
     train_rate = SECONDS_PER_TRAIN_TOKEN["bfloat16" if settled.deepspeed.bf16 else "float32"]
@@ -95,6 +100,7 @@ def plan(config: ChainConfig) -> dict:
         "resources_per_worker": config.scaling.worker_resources(),
         "zero_stage": config.deepspeed.zero_stage,
         "precision": config.precision_note(),
+        "answer_words": answers,
         "tasks": rows,
         "estimated_minutes_cpu": round((CHAIN_START_UP_S + zero_shot + sum(TASK_START_UP_S + r["train_s"] + r["eval_s"] for r in rows)) / 60, 1),
     }
@@ -109,6 +115,7 @@ def _print_plan(summary: dict) -> None:
         table.add_row(str(index), row["task"], str(sizes["train"]), str(sizes["validation"]), str(sizes["test"]), str(row["answers"]), str(row["steps"]))
     console.print(table)
     print(summary["precision"])
+    print(f"answer words: {summary['answer_words']}")
     console.print(f"workers: {summary['workers']} x {summary['resources_per_worker']}, ZeRO stage {summary['zero_stage']}; "
                   f"run folder {summary['run_dir']}")
     console.print(f"estimated time on a 2-core CPU (rough, including ~{CHAIN_START_UP_S:.0f} s of Ray Train start-up and "

@@ -16,6 +16,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.evaluation import CANDIDATE_PASS_MIB
 from pipeline.hardware import bf16_support
 from pipeline.models import ModelSpec
 from pipeline.validation import read_yaml_mapping, validation_problems
@@ -82,6 +83,9 @@ class DeepSpeedSettings(_Strict):
     offload_optimizer: bool = False
     bf16: bool | None = Field(None, description="DeepSpeed bf16 (with fp32 master weights); None: as model.dtype settles "
                                                "('auto': bf16 where the device computes it natively)")
+    stage3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters with fewer elements stay whole on every rank rather than partitioned "
+                                   "(DeepSpeed's setting of the same name; its default)")
 
 
 class ScalingSettings(_Strict):
@@ -112,6 +116,9 @@ class ScalingSettings(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(16, gt=0)
     max_new_tokens: int = Field(16, gt=0, description="generation tasks")
+    candidate_pass_mib: float = Field(CANDIDATE_PASS_MIB, gt=0, description="label scoring: memory the (prompt, candidate) "
+                                      "rows of one forward may take (their prompt KV caches and logits); more rows per "
+                                      "forward where there is memory to spare, as on a GPU")
     bf16: bool | None = Field(None, description="score under bf16 autocast (benchmarks/eval_precision.py); None: as training")
 
 

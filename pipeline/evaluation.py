@@ -30,10 +30,10 @@ from pipeline.prompts import target_continuation
 Metric = Literal["accuracy", "exact_match", "contains"]
 METRICS: tuple[str, ...] = ("accuracy", "exact_match", "contains")
 
-# Bounds the candidate pass to this many (prompt, candidate) rows at a time: its logits are
-# rows x longest candidate x vocab floats (256 x 5 x 49k ~ 250 MB for SmolLM2), so label sets of
-# hundreds (DBPedia's 219 classes) are scored in candidate chunks instead of one huge batch.
-_MAX_CANDIDATE_ROWS = 256
+# What the candidate pass may hold at a time, by default: each (prompt, candidate) row carries its copy of the
+# prompt's KV cache and its logits (candidate tokens x vocab floats). 256 rows of SmolLM2 prompts held ~1.5 GB,
+# three copies of the model (benchmarks/worker_memory.py), so rows are chunked to fit this.
+CANDIDATE_PASS_MIB = 256
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -99,11 +99,14 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _inference(model) -> Iterator[None]:
-    """eval mode (no dropout) and no autograd for the duration; the caller's train/eval mode is restored."""
+    """eval mode (no dropout) and no autograd for the duration; the caller's train/eval mode is restored.
+
+    no_grad, not inference_mode: the workers train the model they score, and tensors made in inference mode
+    cannot enter autograd afterwards (ZeRO-3's gathered weights were, and the next task's training failed)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)
@@ -129,14 +132,16 @@ def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int)
 # ----------------------------------------------------------------------------- label scoring
 
 
-def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8) -> torch.Tensor:
+def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8,
+                          candidate_pass_mib: float = CANDIDATE_PASS_MIB) -> torch.Tensor:
     """Summed log-probability of each candidate's continuation tokens after each prompt, shape (prompts, candidates).
 
     The tokens every prompt starts with (a task's instruction) run once, and their KV cache serves every
     batch. Per batch of prompts: one forward over the prompts' own tokens, left-padded after that prefix
     (its last column holds every prompt's next-token distribution, which scores each candidate's first
-    token), then the candidates' remaining tokens in one forward over batch x K rows that continues the
-    prompt KV cache. Matches ``naive_label_log_likelihoods`` up to float rounding.
+    token), then the candidates' remaining tokens in forwards over batch x K rows that continue the prompt KV
+    cache, as many rows at a time as fit `candidate_pass_mib`. Matches ``naive_label_log_likelihoods`` up to
+    float rounding.
     """
     candidate_ids = _candidate_ids(tokenizer, candidates)
     prompt_ids = _prompt_ids(tokenizer, prompts)
@@ -146,7 +151,8 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list
     with _inference(model):
         prefix_cache = _prefix_cache(model, prefix)
         for batch in _length_sorted_batches(prompt_ids, batch_size):
-            scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, prefix_cache).cpu()
+            scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, prefix_cache,
+                                         candidate_pass_mib).cpu()
     return scores
 
 
@@ -163,7 +169,8 @@ def _prefix_cache(model, prefix: list[int]):
     return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, logits_to_keep=1).cache
 
 
-def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_cache=None) -> torch.Tensor:
+def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_cache=None,
+                 candidate_pass_mib: float = CANDIDATE_PASS_MIB) -> torch.Tensor:
     device = model.device
     # Rows are [shared prefix][padding][the prompt's own tokens]: the prefix cache serves every row, and every
     # prompt still ends at the last column. The mask and positions skip the padding.
@@ -182,7 +189,12 @@ def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[in
     )
     first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
 
-    chunk = max(1, _MAX_CANDIDATE_ROWS // len(prompt_ids))
+    # a row's bytes in the candidate pass: its copy of the prompt cache, and logits (with their float copy and
+    # log-softmax) over the candidate tokens
+    cache_row = sum(layer.keys.nbytes + layer.values.nbytes for layer in out.cache.layers) / len(prompt_ids)
+    logits_row = 12 * out.logits.shape[-1] * max(len(ids) for ids in candidate_ids)
+    rows = max(1, int(candidate_pass_mib * 2**20 // (cache_row + logits_row)))
+    chunk = max(1, rows // len(prompt_ids))
     starts = range(0, len(candidate_ids), chunk)
     scores = []
     for start in starts:
@@ -246,7 +258,8 @@ def naive_label_log_likelihoods(
 
 
 def classify(
-    model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8, length_normalize: bool = False
+    model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8, length_normalize: bool = False,
+    candidate_pass_mib: float = CANDIDATE_PASS_MIB,
 ) -> list[int]:
     """Index of the most likely candidate for each prompt.
 
@@ -255,7 +268,7 @@ def classify(
     labels; ``length_normalize=True`` ranks by the mean per-token log-prob instead, for label sets whose
     lengths differ a lot.
     """
-    scores = label_log_likelihoods(model, tokenizer, prompts, candidates, batch_size)
+    scores = label_log_likelihoods(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib)
     if length_normalize:
         lengths = torch.tensor([len(ids) for ids in _candidate_ids(tokenizer, candidates)], dtype=scores.dtype)
         scores = scores / lengths
@@ -351,6 +364,7 @@ def answered_correctly(
     candidates: list[str] | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 16,
+    candidate_pass_mib: float = CANDIDATE_PASS_MIB,
 ) -> list[bool]:
     """Per example, whether the model's answer counts as correct: label-scoring accuracy over ``candidates``
     (metric "accuracy"), or a match of the greedy answer ("exact_match", "contains"). A task's score is their mean.
@@ -372,7 +386,7 @@ def answered_correctly(
         missing = sorted({t for t in targets if t.strip() not in index})
         if missing:
             raise ValueError(f"targets {missing!r} are not among the candidates {list(candidates)!r}")
-        predictions = classify(model, tokenizer, prompts, candidates, batch_size)
+        predictions = classify(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib=candidate_pass_mib)
         return [prediction == index[t.strip()] for prediction, t in zip(predictions, targets)]
     empty = sorted({t for t in targets if not _normalize(t)})
     if empty:

@@ -38,6 +38,8 @@ class TaskRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     # optimizer steps at which training resumed after a failure (from an in-task checkpoint)
     resumed_at: list[int] = field(default_factory=list)
+    # a training worker's host memory in MiB (pipeline.memory.WorkerMemory, the rank with the most model copies)
+    memory: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -13,6 +13,7 @@ tokenizer alone (`load_tokenizer`, for preprocessing).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -22,6 +23,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -34,6 +36,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrained
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from pipeline.hardware import bf16_support
+from pipeline.memory import model_copy_mib
 from procl.atomic import atomic_directory
 
 # transformers' model code is imported where a model is built: it doubles the import time of this module,
@@ -109,25 +112,36 @@ def _check_flash_attention(device: torch.device | str, dtype: str) -> None:
         raise ValueError(f"model.attn_implementation: flash_attention_2 needs bf16 weights, got model.dtype {dtype}")
 
 
-def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model (eval mode, `spec.dtype`) and its tokenizer, ready for training.
+def load_model_and_tokenizer(spec: ModelSpec, device: torch.device | str = "cpu",
+                             zero3: dict | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (eval mode, `spec.dtype`, on `device`) and its tokenizer, ready for training.
 
     The tokenizer is prepared as by `load_tokenizer` (right padding, eos as pad if it has no pad
-    token); `model.config.pad_token_id` matches its pad token. The model loads on the CPU: `auto`
-    settings are settled for it unless the caller settled them (`ModelSpec.on_device`).
+    token); `model.config.pad_token_id` matches its pad token. A pretrained model's weights load
+    straight onto `device` (no whole copy in host memory first). `auto` settings are settled for
+    `device` unless the caller settled them (`ModelSpec.on_device`).
+
+    `zero3`, a DeepSpeed ZeRO-3 config: the model is created partitioned over the ranks of the initialised
+    process group (`deepspeed.zero.Init`, and transformers' `HfDeepSpeedConfig` so that `from_pretrained` reads
+    the weights into the partitions), on the accelerator DeepSpeed uses; no rank ever holds all of it. Every
+    rank must call it then.
     """
     from transformers import AutoModelForCausalLM
 
-    spec = spec.on_device("cpu")
+    spec = spec.on_device(device)
     dtype = getattr(torch, spec.dtype)
-    if spec.name in TINY_MODELS:
-        tokenizer = _tiny_tokenizer(spec.name)
-        model = _tiny_model(spec.name, tokenizer).to(dtype)
-    else:
-        source, options = _pretrained_source(spec)
-        config = _causal_lm_config(source, spec.name, options)
-        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **options)
-        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+    with _zero3_creation(zero3):
+        if spec.name in TINY_MODELS:
+            tokenizer = _tiny_tokenizer(spec.name)
+            model = _tiny_model(spec.name, tokenizer, partitioned=zero3 is not None)
+            if zero3 is None:
+                model = model.to(device, dtype)
+        else:
+            source, options = _pretrained_source(spec)
+            config = _causal_lm_config(source, spec.name, options)
+            placement = {} if zero3 else {"device_map": torch.device(device)}  # zero.Init places the partitions itself
+            model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=dtype, **placement, **options)
+            tokenizer = AutoTokenizer.from_pretrained(source, **options)
     tokenizer = _ready_for_training(spec.name, tokenizer)
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
@@ -139,8 +153,23 @@ def load_model_and_tokenizer(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrain
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("model %s loaded on %s: %.0f MiB of %s weights", spec.name, device, model_copy_mib(model.parameters()), spec.dtype)
     return model.eval(), tokenizer
 
+
+@contextlib.contextmanager
+def _zero3_creation(zero3: dict | None) -> Iterator[None]:
+    """transformers creates the models built inside partitioned by DeepSpeed ZeRO-3 (nothing when `zero3` is None):
+    `from_pretrained` and `_from_config` see the live `HfDeepSpeedConfig`, build the model under `zero.Init`, and
+    load or initialise each weight into its partitions."""
+    if zero3 is None:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    live = HfDeepSpeedConfig(zero3)  # transformers holds a weak reference: it acts while this lives
+    yield
+    del live
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the causal LM (under its peft wrapper) can run its LM head and loss on chosen positions only:
@@ -152,19 +181,28 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters and getattr(base, "loss_function", None) is ForCausalLMLoss
 
 
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: ModelSpec, download: bool = True) -> PreTrainedTokenizerBase | None:
     """The tokenizer of `load_model_and_tokenizer`, without loading the weights (for preprocessing).
 
     It pads on the right: training batches (prompt + target) then start at position 0 in every
     row. Generation needs left padding; evaluation code sets it itself. A tokenizer without a pad
-    token pads with its eos token.
+    token pads with its eos token. `download=False`: a hub model's files only from the local cache,
+    None when they are not there (a dry run downloads nothing).
     """
     if spec.name in TINY_MODELS:
         return _ready_for_training(spec.name, _tiny_tokenizer(spec.name))
     source, options = _pretrained_source(spec)
-    # the same errors as load_model_and_tokenizer, whichever runs first
-    _causal_lm_config(source, spec.name, options)
-    return _ready_for_training(spec.name, AutoTokenizer.from_pretrained(source, **options))
+    cached_only = not download and not options["local_files_only"]
+    if cached_only:
+        options = options | {"local_files_only": True}
+    try:
+        # the same errors as load_model_and_tokenizer, whichever runs first
+        _causal_lm_config(source, spec.name, options)
+        return _ready_for_training(spec.name, AutoTokenizer.from_pretrained(source, **options))
+    except OSError:
+        if cached_only:
+            return None
+        raise
 
 
 def _pretrained_source(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
@@ -385,7 +423,9 @@ def _tiny_tokenizer(name: str) -> PreTrainedTokenizerFast:
     )
 
 
-def _tiny_model(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def _tiny_model(name: str, tokenizer: PreTrainedTokenizerBase, partitioned: bool = False) -> PreTrainedModel:
+    """The tiny model, with the same fixed random weights every time. `partitioned`: created by transformers under ZeRO-3's
+    `zero.Init` (see `_zero3_creation`), and those weights copied into its partitions one weight at a time."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     config: PretrainedConfig
@@ -411,4 +451,13 @@ def _tiny_model(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
     # a private RNG state: the same weights every time, and the caller's random stream is untouched
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
-        return model_class(config)
+        model = model_class(config)
+    if not partitioned:
+        return model
+    import deepspeed
+
+    created = model_class._from_config(config)
+    for name, weight in created.named_parameters():
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            weight.data.copy_(model.get_parameter(name))
+    return created

@@ -16,16 +16,25 @@ SPLITS = ("validation", "test")
 Counts = dict[str, dict[str, list[int]]]
 
 
+def attach_strategy(config: ChainConfig, base_model, state: tuple[dict, dict] | None):
+    """(model, strategy): the strategy's adapters built onto `base_model` (in place, as peft does; `model.unload()`
+    gives the bare base model back) at a chain state (tensors, metadata from `strategy.state`), or freshly
+    initialised when `state` is None (the chain's start)."""
+    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    model = strategy.build(base_model)
+    if state is not None:
+        strategy.restore_state(model, *state)
+    return model, strategy
+
+
 def load_trained(config: ChainConfig, state: tuple[dict, dict] | None):
-    """(model, tokenizer, strategy) at a chain state (tensors, metadata from `strategy.state`), or the base
-    model when `state` is None (the zero-shot row)."""
+    """(model, tokenizer, strategy) at a chain state, or the base model when `state` is None (the zero-shot row)."""
     from pipeline.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(config.model)
-    strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
-    if state is not None:
-        model = strategy.build(model)
-        strategy.restore_state(model, *state)
+    if state is None:
+        return model, tokenizer, make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
+    model, strategy = attach_strategy(config, model, state)
     return model, tokenizer, strategy
 
 
@@ -54,6 +63,7 @@ def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank
             correct = answered_correctly(
                 model, tokenizer, [p for split in SPLITS for p in prompts[split]], targets, task.metric,
                 task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
+                config.evaluation.candidate_pass_mib,
             ) if targets else []
             for split in SPLITS:
                 split_correct, correct = correct[: len(prompts[split])], correct[len(prompts[split]) :]

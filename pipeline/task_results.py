@@ -21,7 +21,6 @@ from procl.atomic import atomic_directory
 STATE = "state"
 PROGRESS = "progress.json"
 RESULT = "result.json"
-OPTIMIZER = "optimizer"
 ADAPTER = "adapter"
 
 

@@ -232,17 +232,21 @@ class ProgramFactor(nn.Module):
         return y if self.mlp is None else y + self.mlp(y)
 
     def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-input W_exec = W0 + rho[b] ⊙ (W - W0), computed on activations (two matmuls, no per-input weights)."""
+        """Per-input W_exec = W0 + rho[b] ⊙ (W - W0), computed on activations in one matmul (no per-input weights):
+        A: [W0; W] x, then W0 x + rho ⊙ (W x - W0 x); B: [W0, W] [(1 - rho) ⊙ x; rho ⊙ x]. One matmul reads the
+        layer input once (A) and writes the output once (B): two did each twice (benchmarks/step_overhead.py)."""
         router = self.residual_router
         rho = router(x) if self.role == "A" else router.last_rho  # the query comes from the layer input, A's input
         if not self.routed:
             return F.linear(x, self.weight)
         w0 = self.w0.to(self.weight.dtype)
         rank = self.weight.shape[self.rank_dim]
-        rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
+        rho_rank = _over_tokens(eq.expand_slots_to_rank(rho, rank).to(x.dtype), x)
         if self.role == "A":
-            return F.linear(x, w0) + _over_tokens(rho_rank, x) * F.linear(x, self.weight - w0)
-        return F.linear(x, w0) + F.linear(_over_tokens(rho_rank, x) * x, self.weight - w0)
+            frozen, carried = F.linear(x, torch.cat([w0, self.weight])).chunk(2, dim=-1)
+            return frozen + rho_rank * (carried - frozen)
+        plastic = rho_rank * x
+        return F.linear(torch.cat([x - plastic, plastic], dim=-1), torch.cat([w0, self.weight], dim=1))
 
     def executing_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """W_exec from the synced routing statistics of the steps since the last consolidation."""

@@ -99,7 +99,12 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
         assert record["losses"] and all(math.isfinite(x) for x in record["losses"])
         assert 0 < record["seconds"]["train"] and 0 < record["seconds"]["evaluate"]
         assert record["seconds"]["train"] + record["seconds"]["evaluate"] <= record["seconds"]["task"]
+        memory = record["memory"]
+        assert memory["model_copy_mib"] > 0 and memory["peak_mib"] >= memory["before_models_mib"] > 0
     assert manifest["zero_shot_seconds"] > 0
+    # one model per worker for the whole chain: each of the 2 ranks loaded the base model once, not per task nor to score
+    loads = [line for line in (result.stdout + result.stderr).splitlines() if "model tiny-llama loaded on cpu" in line]
+    assert len(loads) == 2, loads
 
     client, runs = mlflow_runs(run_dir)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]

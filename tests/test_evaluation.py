@@ -174,12 +174,16 @@ def test_label_scoring_through_a_lora_adapter(llama_tok):
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=0)
 
 
-def test_candidate_chunks_give_the_same_scores(llama_tok, monkeypatch):
-    """Label sets larger than the row budget are scored in candidate chunks, each from a copy of the prompt cache."""
+def test_candidate_chunks_within_the_memory_budget_give_the_same_scores(llama_tok):
+    """Rows beyond the candidate pass's memory budget are scored in candidate chunks, each from a copy of the prompt cache."""
     model = make_llama(len(llama_tok))
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
     whole = label_log_likelihoods(model, llama_tok, PROMPTS, CANDIDATES, batch_size=3)
-    monkeypatch.setattr("pipeline.evaluation._MAX_CANDIDATE_ROWS", 4)  # 3 prompts -> chunks of 1 candidate
-    chunked = label_log_likelihoods(model, llama_tok, PROMPTS, CANDIDATES, batch_size=3)
+    whole_forwards = len(forwards)
+    forwards.clear()
+    chunked = label_log_likelihoods(model, llama_tok, PROMPTS, CANDIDATES, batch_size=3, candidate_pass_mib=1e-6)  # one row fits
+    assert len(forwards) > whole_forwards  # chunks of one candidate: a candidate pass each
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
 
 

@@ -96,7 +96,7 @@ def test_a_model_spec_loads_in_the_settled_dtype(cpu_features):
 
 
 def test_deepspeed_is_configured_only_from_a_settled_config(cpu_features):
-    from pipeline.train_worker import deepspeed_config
+    from pipeline.runtime import deepspeed_config
 
     cpu_features()  # no native bf16
     with pytest.raises(ValueError, match="settled for its device"):

@@ -102,6 +102,32 @@ def test_shapes_and_gradients_reach_lora_and_routing(formulation):
     assert sum(p.grad.abs().sum().item() for p in routing) > 0
 
 
+@pytest.mark.parametrize("role", ["A", "B"])
+def test_residual_factor_applies_each_inputs_executing_factor_in_its_forward(role):
+    """Mid-task (W moved away from W0, routing not uniform) the fused forward is W_exec[b] x for each input b,
+    W_exec[b] = W0 + rho[b] ⊙ (W - W0) of the equations."""
+    from procl.layer import ResidualRouter
+
+    torch.manual_seed(0)
+    config = ProCLConfig(formulation="residual", num_slots=4)
+    rank, d_in, d_out = 8, 12, 10
+    linear = torch.nn.Linear(d_in if role == "A" else rank, rank if role == "A" else d_out, bias=False)
+    router = ResidualRouter(d_in, config, None)
+    with torch.no_grad():
+        router.keys.normal_()  # routing that differs per input
+    factor = ProgramFactor(linear, role, config, router).train()
+    with torch.no_grad():
+        factor.weight.add_(torch.randn_like(factor.weight))  # W != W0, as after some steps of the task
+    layer_input = torch.randn(3, 5, d_in)  # the router reads the layer input (A's input)
+    rho = router(layer_input)
+    x = layer_input if role == "A" else torch.randn(3, 5, rank)
+    out = factor(x)
+    rho_rank = eq.expand_slots_to_rank(rho, rank)
+    for b in range(3):
+        executing = eq.residual_executing_factor(factor.w0, factor.weight, rho_rank[b], factor.rank_dim)
+        torch.testing.assert_close(out[b], torch.nn.functional.linear(x[b], executing), rtol=1e-5, atol=1e-6)
+
+
 def test_residual_executing_adapter_equals_carried_adapter_at_task_switch():
     strategy = procl_strategy(formulation="residual")
     model = strategy.build(tiny_llama())

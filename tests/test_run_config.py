@@ -72,6 +72,19 @@ def test_plan_reports_tasks_sizes_steps_and_time_without_training():
     assert all(row["sizes"] == {"train": 192, "validation": 16, "test": 32} for row in summary["tasks"])
     assert all(row["steps"] == 192 // (4 * 2) for row in summary["tasks"])
     assert summary["workers"] == 2 and summary["estimated_minutes_cpu"] > 0
+    assert summary["answer_words"] == "checked: every answer word of every task tokenizes"
+
+
+def test_plan_accepts_the_gpu_cluster_config_without_downloading_the_model():
+    """configs/gpu.yaml names a hub model that is not here: the dry run says the answer words wait for `run`, and
+    tries no download (the hub is out of reach here: a download attempt would fail the plan)."""
+    config = load_config(ROOT / "configs" / "gpu.yaml")
+    summary = plan(config)
+    assert summary["model"] == "Qwen/Qwen2.5-7B-Instruct" and summary["zero_stage"] == 3 and summary["workers"] == 8
+    assert summary["resources_per_worker"] == {"CPU": 4, "GPU": 1}
+    assert summary["answer_words"].startswith("not checked: Qwen/Qwen2.5-7B-Instruct is not in the local Hugging Face cache")
+    assert "settled on each GPU worker" in summary["precision"]
+    assert config.training.gradient_checkpointing and config.training.lr_scheduler == "cosine" and config.training.max_steps
 
 
 def test_cli_rejects_a_bad_config_before_starting_ray(capsys):

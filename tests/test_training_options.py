@@ -16,7 +16,8 @@ from conftest import batch, free_port, init_deepspeed_gloo, rank_env
 from pipeline.chain import steps_per_task
 from pipeline.config import load_config
 from pipeline.models import ModelSpec
-from pipeline.train_worker import build_training_model, lr_schedule
+from pipeline.scoring import attach_strategy
+from pipeline.runtime import load_base_model, lr_schedule
 
 TINY = ["model.name=tiny-llama", "strategy.lora.r=4", "strategy.procl.num_slots=2"]
 
@@ -26,7 +27,7 @@ def _lora_gradients(checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
     checkpointed layer: transformers keeps the layer's own hooks outside the checkpoint)."""
     config = load_config(None, TINY + [f"training.gradient_checkpointing={str(checkpointing).lower()}"]).on_device("cpu")
     torch.manual_seed(0)
-    model, strategy = build_training_model(config, None)
+    model, strategy = attach_strategy(config, load_base_model(config, torch.device("cpu"))[0], None)
     strategy.before_task(model, 0)
     model.train()
     layer_calls = []
@@ -52,7 +53,7 @@ def _schedule_worker(rank: int, port: int, out: str) -> None:
     """One DeepSpeed rank: the LR of each optimizer step of a 6-step task, from step 0 and resumed at step 3."""
     os.environ.update(rank_env(rank, 1, port))
     deepspeed = init_deepspeed_gloo()
-    from pipeline.train_worker import deepspeed_config
+    from pipeline.runtime import deepspeed_config
 
     config = load_config(None, TINY + ["training.lr=0.01", "training.batch_size=2", "training.lr_scheduler=linear",
                                        "training.warmup_steps=2", "deepspeed.zero_stage=2"]).on_device("cpu")

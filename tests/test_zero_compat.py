@@ -1,5 +1,5 @@
 """Every strategy x DeepSpeed ZeRO stage 0-3 (x optimizer offload) on 2 gloo ranks, with the pipeline's
-own DeepSpeed config (`pipeline.train_worker.deepspeed_config`): two tasks trained through the strategy
+own DeepSpeed config (`pipeline.runtime.deepspeed_config`): two tasks trained through the strategy
 hooks (consolidation included), the optimizer's partition saved and loaded back as an in-task checkpoint
 does, the state saved, and the export reloaded in vanilla peft reproducing the
 model. The outcome of each cell is the table in docs/ZERO_COMPAT.md; the test fails if the docs disagree
@@ -19,9 +19,10 @@ from conftest import batch, free_port, init_deepspeed_gloo, rank_env, tiny_llama
 from peft import PeftModel
 
 from pipeline.config import ConfigError, load_config
-from pipeline.train_worker import base_optimizer, deepspeed_config, load_optimizer_state, read_optimizer_state, save_optimizer_state
+from pipeline.scoring import attach_strategy
+from pipeline.runtime import base_optimizer, deepspeed_config, load_optimizer_state, read_optimizer_state, save_optimizer_state
 from procl import make_strategy
-from procl.checkpoint import load_strategy_state, save_strategy_state
+from procl.checkpoint import load_strategy_state, read_state, save_strategy_state
 from procl.strategies import STRATEGIES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "ZERO_COMPAT.md"
@@ -36,14 +37,14 @@ def _config(name: str, stage: int, offload: bool):
 
 
 def _train_cell(rank: int, name: str, stage: int, offload: bool, state_dir: Path) -> None:
+    """Two tasks as the pipeline's workers train them: one base model for both, each task's adapters attached
+    at the previous task's saved state, trained, saved, scored on the same model and detached again."""
     import deepspeed
 
     config = _config(name, stage, offload)
+    base_model = tiny_llama()
     for task in range(TASKS):
-        strategy = make_strategy(name, seed=0, **config.strategy.options())
-        model = strategy.build(tiny_llama())
-        if task > 0:
-            load_strategy_state(strategy, model, state_dir)
+        model, strategy = attach_strategy(config, base_model, read_state(state_dir) if task > 0 else None)
         strategy.before_task(model, task)
         optimizer = torch.optim.AdamW(strategy.param_groups(model, config.training.lr), lr=config.training.lr)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
@@ -59,6 +60,10 @@ def _train_cell(rank: int, name: str, stage: int, offload: bool, state_dir: Path
         strategy.after_task(model, task, [f"example-{task}-{i}" for i in range(8)], engine)
         save_strategy_state(strategy, model, state_dir)
         engine.destroy()
+        with torch.inference_mode():  # scored on the same model, as the workers do
+            assert torch.isfinite(model.eval()(input_ids=batch(5)).logits).all()
+        base_model = model.unload()
+    assert not any("lora_" in n for n, _ in base_model.named_parameters()), "the adapters stayed on the base model"
 
 
 def _check_optimizer_roundtrip(engine, folder: Path, rank: int) -> None:

@@ -1,0 +1,214 @@
+"""The worker runtime: what a training worker does with its model, importable without Ray.
+
+The Ray Train worker loop (`pipeline.train_worker.train_chain`) calls these functions, and so does
+scripts/gpu_check.py, in one process on a GPU machine that has no Ray: DeepSpeed set-up and config, the
+base model loaded once per worker (partitioned over the ranks under ZeRO-3), a task's optimizer steps
+through the strategy hooks, each rank's optimizer partition saved and restored, and scoring sharded over
+the ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.config import ChainConfig
+from pipeline.memory import WorkerMemory
+from pipeline.models import load_model_and_tokenizer
+from pipeline.scoring import count_correct, scores_from_counts
+from procl.checkpoint import sha256_file
+
+OPTIMIZER = "optimizer"  # a checkpoint's folder of the ranks' optimizer partitions
+# Progress goes through logging, not print: Ray Train's workers turn print() into a log record *and* a
+# print, so every progress line reached the driver's console twice.
+console = logging.getLogger(__name__)
+
+
+def deepspeed_config(config: ChainConfig) -> dict[str, Any]:
+    """The DeepSpeed config a task trains with (the optimizer is a torch AdamW passed in: nothing JIT-compiles).
+    `config` is settled for its device (`ChainConfig.on_device`): precision is decided by then."""
+    if config.deepspeed.bf16 is None:
+        raise ValueError("deepspeed_config needs a config settled for its device (ChainConfig.on_device): deepspeed.bf16 is still None")
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if config.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = config.deepspeed.stage3_param_persistence_threshold
+    offload = config.deepspeed.offload_optimizer
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        # with offload the client AdamW steps on DeepSpeed's CPU copies; DeepSpeed's own CPU Adam would
+        # JIT-compile first (~70 s, ~2 GB of compiler memory), and it refuses a client optimizer unless told
+        "zero_force_ds_cpu_optimizer": not offload,
+        "train_micro_batch_size_per_gpu": config.training.batch_size,
+        "gradient_accumulation_steps": config.training.gradient_accumulation,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.deepspeed.bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+    }
+
+
+def init_deepspeed(use_gpu: bool):
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not use_gpu:
+        # DeepSpeed's CPU shared-memory allreduce JIT-compiles for ~64 s on first use; gloo does the job
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")  # joins Ray Train's process group
+    return deepspeed
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch AdamW that DeepSpeed steps: inside its ZeRO / bf16 optimizer, or itself (ZeRO-0 fp32)."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def _stepped_tensors(engine) -> list[torch.Tensor]:
+    """The tensors AdamW keeps state for, in a fixed order: this rank's ZeRO-3 flat fp32 partitions (which
+    DeepSpeed puts into the optimizer's param_groups only while it steps them), else its param_groups."""
+    flat = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    return list(flat) if flat is not None else [p for group in base_optimizer(engine).param_groups for p in group["params"]]
+
+
+def save_optimizer_state(engine, folder: Path, rank: int) -> None:
+    """This rank's AdamW state (moments and step of its ZeRO partition) as safetensors + a sha256 file."""
+    state = base_optimizer(engine).state
+    tensors = {f"{index}.{name}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
+               for index, tensor in enumerate(_stepped_tensors(engine)) for name, value in state.get(tensor, {}).items()}
+    path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    path.with_suffix(".sha256").write_text(sha256_file(path))
+
+
+def read_optimizer_state(folder: Path, rank: int) -> dict[int, dict[str, torch.Tensor]] | None:
+    """A rank's saved AdamW state (None if the checkpoint has none for it); refuses an altered file."""
+    path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
+    if not path.is_file():
+        return None
+    digest = path.with_suffix(".sha256")
+    if not digest.is_file() or sha256_file(path) != digest.read_text().strip():
+        raise ValueError(f"{path} does not match its recorded sha256: truncated or altered; it will not be loaded")
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return state
+
+
+def load_optimizer_state(engine, state: dict[int, dict[str, torch.Tensor]]) -> None:
+    """Put saved AdamW state into a fresh engine of the same layout (world size, ZeRO stage, parameters)."""
+    tensors = _stepped_tensors(engine)
+    for index, entry in state.items():
+        expected = tensors[index].shape if index < len(tensors) else None
+        if expected is None or entry["exp_avg"].shape != expected:
+            raise ValueError(f"saved optimizer state does not fit this worker's partition (tensor {index}: saved "
+                             f"{tuple(entry['exp_avg'].shape)}, here {None if expected is None else tuple(expected)}); "
+                             "was the checkpoint written with another num_workers or ZeRO stage?")
+    optimizer = base_optimizer(engine)
+    for index, entry in state.items():
+        target = tensors[index]
+        # moments on the partition's device and dtype; AdamW keeps its step counter as a CPU float32 scalar
+        optimizer.state[target] = {name: value if name == "step" else value.to(target.device, target.dtype)
+                                   for name, value in entry.items()}
+
+
+def load_base_model(config: ChainConfig, device: torch.device):
+    """(base model, tokenizer) for the whole chain, on this worker's `device` in the settled dtype, with
+    activation checkpointing when training.gradient_checkpointing (non-reentrant; transformers registers the
+    input-gradient hook that LoRA on a frozen base needs). Under ZeRO-3 it is created partitioned over the ranks
+    (`deepspeed.zero.Init`): no rank ever holds all of it. Each task attaches its adapters to it and detaches them.
+    Collective under ZeRO-3: every rank calls it."""
+    zero3 = deepspeed_config(config) if config.deepspeed.zero_stage == 3 else None
+    model, tokenizer = load_model_and_tokenizer(config.model, device, zero3=zero3)
+    if config.training.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+    return model, tokenizer
+
+
+def lr_schedule(config: ChainConfig, steps: int, steps_done: int):
+    """The task's LR schedule for `deepspeed.initialize` (built on the optimizer DeepSpeed steps): transformers'
+    `get_scheduler` over the task's `steps`, moved on by the `steps_done` that a resumed task has trained."""
+    from transformers import get_scheduler
+
+    def build(optimizer: torch.optim.Optimizer):
+        schedule = get_scheduler(config.training.lr_scheduler, optimizer, num_warmup_steps=config.training.warmup_steps,
+                                 num_training_steps=steps)
+        with warnings.catch_warnings():  # stepping the schedule alone, before any optimizer step, is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(steps_done):
+                schedule.step()
+        return schedule
+
+    return build
+
+
+def train_steps(engine, model, strategy, batches: Iterable[dict[str, torch.Tensor]], progress: dict[str, Any], total_steps: int,
+                accumulation: int, after_step: Callable[[float], None] | None = None) -> None:
+    """A task's optimizer steps over `batches` (micro-batches), until `total_steps`: the task loss plus the strategy's
+    extra loss, DeepSpeed's backward and step (the LR schedule steps with it), and the strategy's hook after each
+    optimizer step. `progress` (steps done, losses) is updated in place; the micro-batches of the steps it already
+    counts are skipped (a task resumed from an in-task checkpoint). `after_step(loss)` runs after each optimizer step."""
+    micro_steps_done = progress["steps"] * accumulation
+    for micro_step, batch in enumerate(batches, start=1):
+        if micro_step <= micro_steps_done:
+            continue
+        if progress["steps"] == total_steps:  # training.max_steps reached
+            break
+        loss = engine(**batch).loss
+        extra = strategy.extra_loss(model)
+        engine.backward(loss if extra is None else loss + extra)
+        engine.step()
+        progress["losses"].append(loss.item())
+        if micro_step % accumulation:
+            continue
+        strategy.after_optimizer_step(model, engine)
+        progress["steps"] += 1
+        if after_step is not None:
+            after_step(loss.item())
+
+
+def settle_precision(config: ChainConfig, device: torch.device, rank: int) -> ChainConfig:
+    """The config with its precision settled for rank 0's device and shared with every rank: DeepSpeed
+    needs all ranks in one precision, whatever hardware each landed on."""
+    import torch.distributed as dist
+
+    settled = [config.on_device(device).model_dump(mode="json") if rank == 0 else None]
+    dist.broadcast_object_list(settled, src=0)
+    if rank == 0 and device.type != "cpu":  # a CPU chain's driver has said it already
+        console.info(config.precision_note())
+    return ChainConfig.model_validate(settled[0])
+
+
+def largest_memory(mine: WorkerMemory, world_size: int) -> WorkerMemory:
+    """The memory of the rank whose models took the most model copies (collective: every rank calls it)."""
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, mine)
+    return max(gathered, key=WorkerMemory.models_over_copy)
+
+
+def score(config: ChainConfig, model, tokenizer, tasks: list, rank: int, world_size: int) -> dict[str, dict[str, float]]:
+    """{split: {task: score}} of `model` (on this worker's device, eval mode for the duration). Each rank scores
+    every `world_size`-th example of each split and the counts are summed; under ZeRO-3, where every forward
+    pass gathers the partitioned weights from all ranks, the ranks must run the same forward passes, so each
+    scores every example (sharded lock-step scoring is to come)."""
+    import torch.distributed as dist
+
+    if config.deepspeed.zero_stage == 3:
+        return scores_from_counts([count_correct(model, tokenizer, tasks, config)])
+    counts = count_correct(model, tokenizer, tasks, config, rank, world_size)
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, counts)
+    return scores_from_counts(gathered)
