@@ -11,6 +11,9 @@ reuses the prompt cache repeated K times, instead of K full forwards of prompt +
 (``naive_label_log_likelihoods``, the reference the fast path must match). The prefix all prompts
 share (a task's instruction) runs once per call, and prompts are batched by length, so little of the
 compute goes to repeated or padded tokens.
+
+Ranks that score shards of a task on one ZeRO-3-partitioned model pass a ``Lockstep``: every forward
+gathers each layer's weights from all ranks, so they must run the same forward passes.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from pipeline.prompts import target_continuation
 
@@ -34,6 +38,30 @@ METRICS: tuple[str, ...] = ("accuracy", "exact_match", "contains")
 # prompt's KV cache and its logits (candidate tokens x vocab floats). 256 rows of SmolLM2 prompts held ~1.5 GB,
 # three copies of the model (benchmarks/worker_memory.py), so rows are chunked to fit this.
 CANDIDATE_PASS_MIB = 256
+
+
+class Lockstep:
+    """The ranks of the default process group agreeing on what would otherwise depend on their own examples:
+    how many examples each scores, the shared prefix's length, the candidate chunk size and when greedy
+    decoding stops (as transformers' ``generate(synced_gpus=True)`` does). Under ZeRO-3 a rank that ran one
+    forward pass fewer than the others would leave them waiting for its share of the weights."""
+
+    def __init__(self, device: torch.device):
+        self.device = device  # where the collective's tensor lives: cpu for gloo, the GPU for nccl
+
+    def _all_reduce(self, value: int, op: dist.ReduceOp) -> int:
+        tensor = torch.tensor([value], device=self.device)
+        dist.all_reduce(tensor, op=op)
+        return int(tensor.item())
+
+    def min(self, value: int) -> int:
+        return self._all_reduce(value, dist.ReduceOp.MIN)
+
+    def max(self, value: int) -> int:
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.max(int(flag)))
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -133,7 +161,7 @@ def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int)
 
 
 def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8,
-                          candidate_pass_mib: float = CANDIDATE_PASS_MIB) -> torch.Tensor:
+                          candidate_pass_mib: float = CANDIDATE_PASS_MIB, lockstep: Lockstep | None = None) -> torch.Tensor:
     """Summed log-probability of each candidate's continuation tokens after each prompt, shape (prompts, candidates).
 
     The tokens every prompt starts with (a task's instruction) run once, and their KV cache serves every
@@ -141,18 +169,22 @@ def label_log_likelihoods(model, tokenizer, prompts: list[str], candidates: list
     (its last column holds every prompt's next-token distribution, which scores each candidate's first
     token), then the candidates' remaining tokens in forwards over batch x K rows that continue the prompt KV
     cache, as many rows at a time as fit `candidate_pass_mib`. Matches ``naive_label_log_likelihoods`` up to
-    float rounding.
+    float rounding. With a ``lockstep``, every rank runs the same forward passes (the same number of prompts
+    on each rank makes the same number of batches).
     """
     candidate_ids = _candidate_ids(tokenizer, candidates)
     prompt_ids = _prompt_ids(tokenizer, prompts)
     pad_id = _pad_id(tokenizer)
-    prefix = prompt_ids[0][: _shared_prefix_length(prompt_ids)]
+    prefix_length = _shared_prefix_length(prompt_ids)
+    if lockstep:
+        prefix_length = lockstep.min(prefix_length)
+    prefix = prompt_ids[0][:prefix_length]
     scores = torch.empty(len(prompts), len(candidates))
     with _inference(model):
         prefix_cache = _prefix_cache(model, prefix)
         for batch in _length_sorted_batches(prompt_ids, batch_size):
             scores[batch] = _score_batch(model, [prompt_ids[i] for i in batch], candidate_ids, pad_id, prefix_cache,
-                                         candidate_pass_mib).cpu()
+                                         candidate_pass_mib, lockstep).cpu()
     return scores
 
 
@@ -170,7 +202,7 @@ def _prefix_cache(model, prefix: list[int]):
 
 
 def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[int]], pad_id: int, prefix_cache=None,
-                 candidate_pass_mib: float = CANDIDATE_PASS_MIB) -> torch.Tensor:
+                 candidate_pass_mib: float = CANDIDATE_PASS_MIB, lockstep: Lockstep | None = None) -> torch.Tensor:
     device = model.device
     # Rows are [shared prefix][padding][the prompt's own tokens]: the prefix cache serves every row, and every
     # prompt still ends at the last column. The mask and positions skip the padding.
@@ -195,6 +227,8 @@ def _score_batch(model, prompt_ids: list[list[int]], candidate_ids: list[list[in
     logits_row = 12 * out.logits.shape[-1] * max(len(ids) for ids in candidate_ids)
     rows = max(1, int(candidate_pass_mib * 2**20 // (cache_row + logits_row)))
     chunk = max(1, rows // len(prompt_ids))
+    if lockstep:  # the same candidate chunks everywhere: the same forwards (a 1-token chunk runs none)
+        chunk = lockstep.min(chunk)
     starts = range(0, len(candidate_ids), chunk)
     scores = []
     for start in starts:
@@ -259,7 +293,7 @@ def naive_label_log_likelihoods(
 
 def classify(
     model, tokenizer, prompts: list[str], candidates: list[str], batch_size: int = 8, length_normalize: bool = False,
-    candidate_pass_mib: float = CANDIDATE_PASS_MIB,
+    candidate_pass_mib: float = CANDIDATE_PASS_MIB, lockstep: Lockstep | None = None,
 ) -> list[int]:
     """Index of the most likely candidate for each prompt.
 
@@ -268,7 +302,7 @@ def classify(
     labels; ``length_normalize=True`` ranks by the mean per-token log-prob instead, for label sets whose
     lengths differ a lot.
     """
-    scores = label_log_likelihoods(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib)
+    scores = label_log_likelihoods(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib, lockstep)
     if length_normalize:
         lengths = torch.tensor([len(ids) for ids in _candidate_ids(tokenizer, candidates)], dtype=scores.dtype)
         scores = scores / lengths
@@ -278,12 +312,14 @@ def classify(
 # ----------------------------------------------------------------------------- generation
 
 
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 16, batch_size: int = 8,
+                     lockstep: Lockstep | None = None) -> list[str]:
     """Greedy continuation of each prompt up to EOS, a newline or max_new_tokens; decoded and stripped.
 
     A small greedy loop rather than ``model.generate``: it pads by hand (left, same tokenisation as label
     scoring, the tokenizer's padding_side untouched), ignores a checkpoint's sampling defaults, and stops a
-    row at any token that decodes to a newline (byte-level BPE has many such tokens).
+    row at any token that decodes to a newline (byte-level BPE has many such tokens). With a ``lockstep``, a
+    batch decodes until every rank's batch has finished.
     """
     eos = _eos_ids(model, tokenizer)
     pad_id = _pad_id(tokenizer)
@@ -291,7 +327,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int =
     answers = [""] * len(prompts)
     with _inference(model):
         for batch in _length_sorted_batches(prompt_ids, batch_size):
-            for index, tokens in zip(batch, _greedy(model, tokenizer, [prompt_ids[i] for i in batch], max_new_tokens, eos, pad_id)):
+            rows = [prompt_ids[i] for i in batch]
+            for index, tokens in zip(batch, _greedy(model, tokenizer, rows, max_new_tokens, eos, pad_id, lockstep)):
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 answers[index] = text.split("\n", 1)[0].strip()
     return answers
@@ -306,7 +343,8 @@ def _eos_ids(model, tokenizer) -> set[int]:
 
 
 def _greedy(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int
+    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, eos: set[int], pad_id: int,
+    lockstep: Lockstep | None = None,
 ) -> list[list[int]]:
     ids, mask = _pad(prompt_ids, pad_id, "left", model.device)
     positions = _positions(mask)
@@ -323,7 +361,10 @@ def _greedy(
                 continue
             generated[row].append(token)
             done[row] = "\n" in tokenizer.decode([token])
-        if all(done) or step == max_new_tokens - 1:
+        finished = all(done)
+        if lockstep:
+            finished = not lockstep.any(not finished)
+        if finished or step == max_new_tokens - 1:
             break
         # Finished rows keep decoding alongside (rows are independent); their tokens are just not recorded.
         mask = torch.cat([mask, mask.new_ones(len(prompt_ids), 1)], dim=1)
@@ -365,13 +406,15 @@ def answered_correctly(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     candidate_pass_mib: float = CANDIDATE_PASS_MIB,
+    lockstep: Lockstep | None = None,
 ) -> list[bool]:
     """Per example, whether the model's answer counts as correct: label-scoring accuracy over ``candidates``
     (metric "accuracy"), or a match of the greedy answer ("exact_match", "contains"). A task's score is their mean.
 
     ``candidates`` is required for "accuracy" (each target must be one of them) and unused otherwise;
     ``max_new_tokens`` bounds the answers of the generation metrics. Scoring several splits of a task in
-    one call batches all their prompts by length together.
+    one call batches all their prompts by length together. Ranks scoring shards of one ZeRO-3 model pass a
+    ``lockstep`` and the same number of prompts each.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
@@ -386,11 +429,12 @@ def answered_correctly(
         missing = sorted({t for t in targets if t.strip() not in index})
         if missing:
             raise ValueError(f"targets {missing!r} are not among the candidates {list(candidates)!r}")
-        predictions = classify(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib=candidate_pass_mib)
+        predictions = classify(model, tokenizer, prompts, candidates, batch_size, candidate_pass_mib=candidate_pass_mib,
+                               lockstep=lockstep)
         return [prediction == index[t.strip()] for prediction, t in zip(predictions, targets)]
     empty = sorted({t for t in targets if not _normalize(t)})
     if empty:
         raise ValueError(f"targets {empty!r} are empty after normalisation; expected a non-empty answer to match")
     match = exact_match if metric == "exact_match" else contains_match
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, lockstep)
     return [match(a, t) for a, t in zip(answers, targets)]

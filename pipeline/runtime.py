@@ -9,10 +9,11 @@ the ranks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ChainConfig
+from pipeline.evaluation import Lockstep
 from pipeline.memory import WorkerMemory
 from pipeline.models import load_model_and_tokenizer
 from pipeline.scoring import count_correct, scores_from_counts
@@ -199,16 +201,35 @@ def largest_memory(mine: WorkerMemory, world_size: int) -> WorkerMemory:
     return max(gathered, key=WorkerMemory.models_over_copy)
 
 
+@contextlib.contextmanager
+def inference_engine(config: ChainConfig, model) -> Iterator[None]:
+    """Under ZeRO-3, DeepSpeed's forward hooks on `model` for the duration (an engine without an optimizer):
+    a forward pass outside a training engine, such as the zero-shot row's, needs them to gather each layer's
+    partitioned weights and to release them after. Otherwise nothing."""
+    if config.deepspeed.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, config=deepspeed_config(config))
+    try:
+        yield
+    finally:
+        engine.destroy()
+
+
 def score(config: ChainConfig, model, tokenizer, tasks: list, rank: int, world_size: int) -> dict[str, dict[str, float]]:
     """{split: {task: score}} of `model` (on this worker's device, eval mode for the duration). Each rank scores
-    every `world_size`-th example of each split and the counts are summed; under ZeRO-3, where every forward
-    pass gathers the partitioned weights from all ranks, the ranks must run the same forward passes, so each
-    scores every example (sharded lock-step scoring is to come)."""
+    every `world_size`-th example of each split and the counts are summed.
+
+    Under ZeRO-3, where every forward pass gathers the partitioned weights from all ranks, the ranks score
+    their shards in lock step, and `model` must be in a live DeepSpeed engine: the task's training engine, or
+    `inference_engine`. (Once an engine is destroyed, a forward pass gathers each layer's weights and keeps
+    them: every rank would end up holding the whole model.)"""
     import torch.distributed as dist
 
-    if config.deepspeed.zero_stage == 3:
-        return scores_from_counts([count_correct(model, tokenizer, tasks, config)])
-    counts = count_correct(model, tokenizer, tasks, config, rank, world_size)
+    lockstep = Lockstep(model.device) if config.deepspeed.zero_stage == 3 else None
+    counts = count_correct(model, tokenizer, tasks, config, rank, world_size, lockstep)
     gathered: list[Any] = [None] * world_size
     dist.all_gather_object(gathered, counts)
     return scores_from_counts(gathered)

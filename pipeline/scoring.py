@@ -7,9 +7,14 @@ Runs where the model is: inside the chain's worker group for the zero-shot row a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pipeline.config import ChainConfig
 from pipeline.streams import Task
 from procl import make_strategy
+
+if TYPE_CHECKING:
+    from pipeline.evaluation import Lockstep
 
 SPLITS = ("validation", "test")
 # {split: {task: [correct, scored]}}
@@ -47,8 +52,12 @@ def model_to_score(config: ChainConfig, state: tuple[dict, dict] | None):
     return model, tokenizer
 
 
-def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank: int = 0, world_size: int = 1) -> Counts:
-    """Correct answers and examples scored per split and task, over every `world_size`-th example from `rank`."""
+def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank: int = 0, world_size: int = 1,
+                  lockstep: Lockstep | None = None) -> Counts:
+    """Correct answers and examples scored per split and task, over every `world_size`-th example from `rank`.
+
+    With a `lockstep` (ranks sharing one ZeRO-3 model) every rank scores as many prompts per task: a shorter
+    shard is topped up with copies of the task's first prompt, whose answers are not counted."""
     import torch
 
     from pipeline.evaluation import answered_correctly
@@ -57,13 +66,18 @@ def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank
     with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.scores_in_bf16()):
         for task in tasks:
             prompts = {split: task.prompts(split)[rank::world_size] for split in SPLITS}
+            # both splits in one call: their prompts are batched by length together (less padding)
+            shard = [p for split in SPLITS for p in prompts[split]]
             targets = [t for split in SPLITS for t in task.targets(split)[rank::world_size]]
-            # both splits in one call: their prompts are batched by length together (less padding); a
-            # shard of a tiny task may hold no example
+            if lockstep:
+                top_up = lockstep.max(len(shard)) - len(shard)
+                first = next(split for split in SPLITS if task.prompts(split))
+                shard += [task.prompts(first)[0]] * top_up
+                targets += [task.targets(first)[0]] * top_up
+            # a shard of a tiny task may hold no example
             correct = answered_correctly(
-                model, tokenizer, [p for split in SPLITS for p in prompts[split]], targets, task.metric,
-                task.answers or None, config.evaluation.batch_size, config.evaluation.max_new_tokens,
-                config.evaluation.candidate_pass_mib,
+                model, tokenizer, shard, targets, task.metric, task.answers or None, config.evaluation.batch_size,
+                config.evaluation.max_new_tokens, config.evaluation.candidate_pass_mib, lockstep,
             ) if targets else []
             for split in SPLITS:
                 split_correct, correct = correct[: len(prompts[split])], correct[len(prompts[split]) :]

@@ -38,9 +38,9 @@ from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, res
 from pipeline.models import accepts_logits_to_keep
 from pipeline.preprocess import TrimPadding
 from pipeline.ray_workers import verbose
-from pipeline.runtime import (deepspeed_config, init_deepspeed, largest_memory, load_base_model, load_optimizer_state,
-                              lr_schedule, read_optimizer_state, save_optimizer_state, score, settle_precision,
-                              train_steps)
+from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed, largest_memory, load_base_model,
+                              load_optimizer_state, lr_schedule, read_optimizer_state, save_optimizer_state, score,
+                              settle_precision, train_steps)
 from pipeline.scoring import attach_strategy
 from pipeline.task_results import ADAPTER, PROGRESS, RESULT, STATE
 from procl.checkpoint import read_state, write_state
@@ -165,7 +165,8 @@ def train_chain(loop_config: dict[str, Any]) -> None:
 
     if loop_config["zero_shot_tasks"] and not resume.this_fit:
         started = time.monotonic()
-        scores = score(config, base_model, tokenizer, loop_config["zero_shot_tasks"], rank, world_size)
+        with inference_engine(config, base_model):
+            scores = score(config, base_model, tokenizer, loop_config["zero_shot_tasks"], rank, world_size)
         ray.train.report({"zero_shot": scores, "seconds": time.monotonic() - started}, checkpoint=None)
 
     for entry in plan[resume.position:]:
@@ -210,13 +211,14 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         train_steps(engine, model, strategy, _micro_batches(entry["shards"][rank], config, collate, engine.device), progress,
                     entry["steps"], config.training.gradient_accumulation, after_step)
 
-        # Task end: fold/consolidate; the same model then scores every task seen so far, and lets go of its adapters.
+        # Task end: fold/consolidate; the same model then scores every task seen so far (in its engine, whose
+        # hooks gather the weights under ZeRO-3), and lets go of its adapters.
         strategy.after_task(model, task_index, entry["examples"], engine)
         state = strategy.state(model)  # collective under ZeRO-3: all ranks
-        engine.destroy()
-        engine = optimizer = None  # the optimizer's state is freed before scoring
         trained = time.monotonic()
         scores = score(config, model, tokenizer, entry["seen"], rank, world_size)
+        engine.destroy()
+        engine = optimizer = None
         base_model = model.unload()
         progress["task_done"] = True
         final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"),

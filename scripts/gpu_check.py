@@ -160,7 +160,6 @@ def run_chain(model_dir: Path, strategy_name: str, tasks: list[Task], device: to
         train_steps(engine, model, strategy, batches, {"steps": 0, "losses": []}, steps, 1, after_step)
         strategy.after_task(model, index, pairs, engine)
         state = strategy.state(model)
-        engine.destroy()
         _sync(device)
         train_s += time.perf_counter() - started
         step_s.append(statistics.median(times[1:] or times))  # the first step warms kernels up
@@ -170,6 +169,7 @@ def run_chain(model_dir: Path, strategy_name: str, tasks: list[Task], device: to
         _sync(device)
         eval_s += time.perf_counter() - started
         on_device = scoring_devices == {device.type}
+        engine.destroy()  # after scoring, as in the worker
         base_model = model.unload()
         print(f"  {strategy_name} task {index + 1}: step {step_s[-1] * 1000:.1f} ms, scoring on {sorted(scoring_devices)}", flush=True)
         weights_on_device = weights_on_device and on_device
@@ -263,7 +263,7 @@ def main() -> int:
     for architecture, row in results.items():
         print(f"{architecture:<14} {row['procl_step_over_lora_step']:>15.3f} {row['merged_procl_forward_over_base_forward']:>15.3f} "
               f"{row['lora_step_ms']:>8.1f} {row['procl_step_ms']:>8.1f} {row['training_tokens_per_s']['procl']:>16} "
-              f"{row['peak_gpu_memory_gib']['procl']:>8} {row['evaluation_share']['procl']:>10} {str(row['on_device']):>9}")
+              f"{str(row['peak_gpu_memory_gib']['procl']):>8} {row['evaluation_share']['procl']:>10} {str(row['on_device']):>9}")
     print(json.dumps({"check": "gpu_check", "device": name, "deepspeed": deepspeed is not None, "tasks": args.tasks, "results": results}))
     dist.destroy_process_group()
     return 0 if all(row["on_device"] for row in results.values()) else 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import socket
@@ -35,7 +36,8 @@ def init_deepspeed_gloo():
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~64 s JIT build
-    deepspeed.init_distributed(dist_backend="gloo")
+    # a rank that misses a collective fails the test in minutes instead of hanging it for gloo's default 30
+    deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(minutes=5))
     # DeepSpeed calls gc.collect() several times per engine; with pytest's and torch's objects moved
     # out of the collector's view those calls take milliseconds instead of ~0.3 s
     gc.freeze()
