@@ -26,6 +26,7 @@ from pipeline.memory import WorkerMemory
 from pipeline.models import load_model_and_tokenizer
 from pipeline.scoring import count_correct, scores_from_counts
 from procl.checkpoint import sha256_file
+from procl.distributed import write_full
 
 OPTIMIZER = "optimizer"  # a checkpoint's folder of the ranks' optimizer partitions
 # Progress goes through logging, not print: Ray Train's workers turn print() into a log record *and* a
@@ -123,6 +124,18 @@ def load_optimizer_state(engine, state: dict[int, dict[str, torch.Tensor]]) -> N
         # moments on the partition's device and dtype; AdamW keeps its step counter as a CPU float32 scalar
         optimizer.state[target] = {name: value if name == "step" else value.to(target.device, target.dtype)
                                    for name, value in entry.items()}
+
+
+def restore_masters(engine, model, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a chain state's float32 tensors (`strategy.state`, read from the optimizer's masters) into the fp32
+    masters a bf16 engine keeps of the trainable weights. The engine builds them from the bf16 weights that
+    `restore_state` rounded the state to, so a task resumed mid-way would otherwise go on from rounded masters
+    and not end as it would have uninterrupted. Collective under DeepSpeed: every rank calls it."""
+    if not engine.bfloat16_enabled():
+        return
+    for name, param in model.named_parameters():
+        if param.requires_grad and name in tensors:
+            write_full(param, tensors[name].to(param.device), engine=engine)
 
 
 def load_base_model(config: ChainConfig, device: torch.device):

@@ -69,8 +69,8 @@ def count_correct(model, tokenizer, tasks: list[Task], config: ChainConfig, rank
             # both splits in one call: their prompts are batched by length together (less padding)
             shard = [p for split in SPLITS for p in prompts[split]]
             targets = [t for split in SPLITS for t in task.targets(split)[rank::world_size]]
-            if lockstep:
-                top_up = lockstep.max(len(shard)) - len(shard)
+            top_up = lockstep.max(len(shard)) - len(shard) if lockstep else 0
+            if top_up:
                 first = next(split for split in SPLITS if task.prompts(split))
                 shard += [task.prompts(first)[0]] * top_up
                 targets += [task.targets(first)[0]] * top_up

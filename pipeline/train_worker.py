@@ -39,8 +39,8 @@ from pipeline.models import accepts_logits_to_keep
 from pipeline.preprocess import TrimPadding
 from pipeline.ray_workers import verbose
 from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed, largest_memory, load_base_model,
-                              load_optimizer_state, lr_schedule, read_optimizer_state, save_optimizer_state, score,
-                              settle_precision, train_steps)
+                              load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
+                              save_optimizer_state, score, settle_precision, train_steps)
 from pipeline.scoring import attach_strategy
 from pipeline.task_results import ADAPTER, PROGRESS, RESULT, STATE
 from procl.checkpoint import read_state, write_state
@@ -194,8 +194,10 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         )
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config),
                                           lr_scheduler=lr_schedule(config, entry["steps"], progress["steps"]))
-        if optimizer_state is not None:
-            load_optimizer_state(engine, optimizer_state)
+        if progress["steps"]:  # resumed mid-task: the fp32 masters and AdamW moments where the task was stopped
+            restore_masters(engine, model, state[0])
+            if optimizer_state is not None:
+                load_optimizer_state(engine, optimizer_state)
         engine.train()
 
         # Training: micro-batches from this worker's shard of the task; hooks after each optimizer step.

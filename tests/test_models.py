@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from transformers import BertConfig, BertModel, GPT2LMHeadModel, LlamaForCausalLM
 
 from pipeline import models
+from pipeline.hardware import bf16_support
 from pipeline.models import MANIFEST, ModelSpec, embedded_model_folder, load_model_and_tokenizer, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +43,10 @@ def weights_digest(model) -> str:
     return digest.hexdigest()
 
 
+# dtype "auto" (the default) on this machine's CPU: bf16 where it computes bf16 natively
+AUTO_DTYPE = torch.bfloat16 if bf16_support("cpu").native else torch.float32
+
+
 # --- tiny test models ----------------------------------------------------------------------
 
 
@@ -49,7 +54,7 @@ def weights_digest(model) -> str:
 def test_tiny_models_load_tokenize_english_and_run(name, model_class):
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name=name))
     assert isinstance(model, model_class) and not model.training
-    assert model.dtype == torch.float32
+    assert model.dtype == AUTO_DTYPE
     assert len(tokenizer) == model.config.vocab_size == model.get_input_embeddings().num_embeddings
     assert 256 < len(tokenizer) <= 512
     assert tokenizer.padding_side == "right"
@@ -75,8 +80,9 @@ def test_tiny_models_load_tokenize_english_and_run(name, model_class):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_eager_attention_is_the_same_function_as_sdpa(name):
     """model.attn_implementation picks the kernel only: padded batches give the same logits on real tokens."""
-    default, tokenizer = load_model_and_tokenizer(ModelSpec(name=name))
-    eager, _ = load_model_and_tokenizer(ModelSpec(name=name, attn_implementation="eager"))
+    # float32 both (on a bf16 CPU "auto" would pick eager in bf16)
+    default, tokenizer = load_model_and_tokenizer(ModelSpec(name=name, dtype="float32", attn_implementation=None))
+    eager, _ = load_model_and_tokenizer(ModelSpec(name=name, dtype="float32", attn_implementation="eager"))
     assert eager.config._attn_implementation == "eager" and default.config._attn_implementation != "eager"
     batch = tokenizer(ENGLISH, padding=True, return_tensors="pt")
     real = batch["attention_mask"].bool()
@@ -160,12 +166,12 @@ def test_bfloat16_is_applied():
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 def test_a_saved_folder_loads_back_by_path(name, tmp_path):
-    model, tokenizer = load_model_and_tokenizer(ModelSpec(name=name))
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(name=name, dtype="float32"))
     folder = tmp_path / name
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
-    loaded_model, loaded_tokenizer = load_model_and_tokenizer(ModelSpec(name=str(folder)))
+    loaded_model, loaded_tokenizer = load_model_and_tokenizer(ModelSpec(name=str(folder), dtype="float32"))
     assert type(loaded_model) is type(model) and not loaded_model.training
     assert loaded_tokenizer(ENGLISH)["input_ids"] == tokenizer(ENGLISH)["input_ids"]
     assert loaded_tokenizer.pad_token == tokenizer.pad_token and loaded_tokenizer.padding_side == "right"
@@ -329,7 +335,7 @@ def test_the_embedded_model_converts_once_then_loads_from_the_cache(embedded, ca
 @pytest.mark.integration
 def test_the_embedded_model_is_the_real_smollm2(embedded):
     model, tokenizer = embedded.model, embedded.tokenizer
-    assert isinstance(model, LlamaForCausalLM) and not model.training and model.dtype == torch.float32
+    assert isinstance(model, LlamaForCausalLM) and not model.training and model.dtype == AUTO_DTYPE
     assert model.config.vocab_size == len(tokenizer) == 49152
     assert tokenizer.padding_side == "right" and tokenizer.model_max_length == 8192
     assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>" == tokenizer.convert_ids_to_tokens(model.config.pad_token_id)

@@ -1,6 +1,7 @@
 """Training options of large-model fine-tuning, as the worker loop uses them: activation checkpointing
 (LoRA still gets its gradients), transformers' LR schedules stepped by DeepSpeed and resumed mid-task,
-a step budget per task, and FlashAttention-2 refused where it cannot run."""
+a step budget per task, a bf16 task resumed from its fp32 masters, and FlashAttention-2 refused where it
+cannot run."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def _schedule_worker(rank: int, port: int, out: str) -> None:
     from pipeline.runtime import deepspeed_config
 
     config = load_config(None, TINY + ["training.lr=0.01", "training.batch_size=2", "training.lr_scheduler=linear",
-                                       "training.warmup_steps=2", "deepspeed.zero_stage=2"]).on_device("cpu")
+                                       "training.warmup_steps=2", "deepspeed.zero_stage=2",
+                                       "deepspeed.bf16=false"]).on_device("cpu")
     seen = {}
     for steps_done in (0, 3):
         model = torch.nn.Linear(4, 1)
@@ -80,6 +82,32 @@ def test_the_lr_schedule_warms_up_decays_and_resumes_mid_task_where_it_was(tmp_p
     expected = [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025]
     assert seen["0"] == pytest.approx(expected)
     assert seen["3"] == pytest.approx(expected[3:])  # a task resumed at step 3 goes on where it was
+
+
+def _masters_worker(rank: int, port: int, out: str) -> None:
+    """One bf16 DeepSpeed rank: a weight restored as `restore_state` does (into the model), then its fp32 master."""
+    os.environ.update(rank_env(rank, 1, port))
+    deepspeed = init_deepspeed_gloo()
+    from pipeline.runtime import deepspeed_config, restore_masters
+    from procl.distributed import read_full
+
+    config = load_config(None, TINY + ["deepspeed.zero_stage=2", "deepspeed.bf16=true"]).on_device("cpu")
+    state = {"weight": torch.tensor([[1 + 2**-12, 3 - 2**-10, 0.1, -0.3]])}  # more bits than bf16 keeps
+    model = torch.nn.Linear(4, 1, bias=False)
+    model.load_state_dict(state)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=deepspeed_config(config))
+    built = read_full(model.weight)
+    restore_masters(engine, model, state)
+    Path(out).write_text(json.dumps({"built": built.tolist(), "restored": read_full(model.weight).tolist(), "state": state["weight"].tolist()}))
+    engine.destroy()
+
+
+def test_a_bf16_task_resumed_mid_way_goes_on_from_the_fp32_masters_of_its_checkpoint(tmp_path):
+    out = tmp_path / "masters.json"
+    mp.spawn(_masters_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    seen = json.loads(out.read_text())
+    assert seen["built"] != seen["state"]  # the engine builds its masters from the bf16 weights: rounded
+    assert seen["restored"] == seen["state"]
 
 
 def test_the_default_schedule_keeps_the_configured_lr():
