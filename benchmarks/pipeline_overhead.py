@@ -80,11 +80,11 @@ def make_timed_train_chain(log_path: str):
                     calls.append([name, current["task"], start, time.time() - start])
             return inner
 
-        original = {name: getattr(tw, name) for name in ("_init_deepspeed", "load_base_model", "attach_strategy", "_report", "_score",
+        original = {name: getattr(tw, name) for name in ("init_deepspeed", "load_base_model", "attach_strategy", "_report", "score",
                                                         "_report_export")}
 
-        def init_deepspeed(use_gpu):
-            deepspeed = timed("init_distributed", original["_init_deepspeed"])(use_gpu)
+        def timed_init_deepspeed(use_gpu):
+            deepspeed = timed("init_distributed", original["init_deepspeed"])(use_gpu)
             initialize = deepspeed.initialize
             deepspeed.initialize = timed("deepspeed_initialize", initialize)
             marks["_restore"] = (deepspeed, initialize)
@@ -118,11 +118,11 @@ def make_timed_train_chain(log_path: str):
         rank = ray.train.get_context().get_world_rank()
         for entry in loop_config["plan"]:
             entry["shards"] = [Shard(shard, entry["index"]) for shard in entry["shards"]]
-        tw._init_deepspeed = init_deepspeed
+        tw.init_deepspeed = timed_init_deepspeed
         tw.load_base_model = timed("model_load", original["load_base_model"])
         tw.attach_strategy = attach_strategy
         tw._report = timed("report", original["_report"])
-        tw._score = timed("score", original["_score"])
+        tw.score = timed("score", original["score"])
 
         def report_export(*args, **kwargs):
             current["task"] = "export"
@@ -273,6 +273,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     from procl import make_strategy, metrics
 
     torch.set_num_threads(threads)
+    config = config.on_device("cpu")  # precision settled as the workers settle it
     start = time.time()
     t = time.time()
     model, tokenizer = load_model_and_tokenizer(config.model)

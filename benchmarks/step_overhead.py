@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from common import step_benchmark_parser, strategy_step, training_batch  # noqa: E402
 
+from pipeline.hardware import cpu_name  # noqa: E402
 from pipeline.models import ModelSpec, load_model_and_tokenizer  # noqa: E402
 from procl import LoraSettings, ProCLConfig, make_strategy  # noqa: E402
 
@@ -79,6 +80,8 @@ def main() -> None:
     slots = {v.split("=")[1]: median[v] for v in variants if v != "lora"}
     print(json.dumps({
         "benchmark": "step_overhead",
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "dtype": str(built["lora"][0].dtype).removeprefix("torch."),
         "model": spec.name, "batch": args.batch, "length": args.length, "answer_tokens": args.answer_tokens, "rank": RANK,
         "threads": args.threads,
         "rounds": rounds, "steps_per_round": steps,
