@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -208,7 +208,9 @@ def load_tokenizer(spec: ModelSpec, download: bool = True) -> PreTrainedTokenize
 def _pretrained_source(spec: ModelSpec) -> tuple[str, dict[str, bool]]:
     """What `from_pretrained` reads for `spec`, and its options; only a hub id may download."""
     if spec.name == EMBEDDED_MODEL:
-        return str(embedded_model_folder()), {"local_files_only": True, "trust_remote_code": False}
+        # the folder stored in the dtype the weights load in (an unsettled `auto`: the tokenizer alone is read)
+        dtype = spec.dtype if spec.dtype != "auto" else "float32"
+        return str(embedded_model_folder(dtype=dtype)), {"local_files_only": True, "trust_remote_code": False}
     folder = _local_folder(spec.name)
     if folder is not None:
         if not (folder / "config.json").is_file():
@@ -265,12 +267,15 @@ def _ready_for_training(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTra
 # --- the embedded model: GGUF converted once into a verified cache folder ---------------------
 
 
-def embedded_model_folder(cache_root: Path | None = None) -> Path:
-    """The cache folder of the embedded SmolLM2-135M-Instruct, converting the GGUF first if absent.
+def embedded_model_folder(cache_root: Path | None = None, dtype: str = "float32") -> Path:
+    """The cache folder of the embedded SmolLM2-135M-Instruct with its weights stored in `dtype`, converting
+    the GGUF first if absent.
 
-    `cache_root` defaults to $PROCL_CACHE, else ~/.cache/procl. The folder is
-    `<root>/models/smollm2-135m-instruct-<hash>`, a plain transformers folder plus `MANIFEST`
-    (sha256 of every file), checked on every call.
+    `cache_root` defaults to $PROCL_CACHE, else ~/.cache/procl. The float32 folder, the conversion, is
+    `<root>/models/smollm2-135m-instruct-<hash>`; another dtype has `<that>-<dtype>`, cast once from it. Weights
+    loaded in the dtype they are stored in are mapped from the file, as a hub checkpoint's are; a bfloat16 load
+    of the float32 folder read and cast all of it (a peak of 3.5 bf16 copies, benchmarks/worker_memory.py).
+    Each folder is a plain transformers folder plus `MANIFEST` (sha256 of every file), checked on every call.
     """
     gguf = _embedded_gguf()
     if cache_root is None:
@@ -278,9 +283,15 @@ def embedded_model_folder(cache_root: Path | None = None) -> Path:
     key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}:{_CACHE_FORMAT}".encode()).hexdigest()[:12]
     folder = Path(cache_root).expanduser() / "models" / f"smollm2-135m-instruct-{key}"
     if not folder.exists():
-        _convert(gguf, folder)
+        _build_once(folder, lambda staging: _write_conversion(gguf, staging), f"converting {gguf} (once; about 20 s)")
     _verify(folder)
-    return folder
+    if dtype == "float32":
+        return folder
+    cast = folder.with_name(f"{folder.name}-{dtype}")
+    if not cast.exists():
+        _build_once(cast, lambda staging: _write_cast(folder, staging, dtype), f"casting the embedded model to {dtype} (once)")
+    _verify(cast)
+    return cast
 
 
 def _embedded_gguf() -> Path:
@@ -299,19 +310,19 @@ def _embedded_gguf() -> Path:
     return gguf
 
 
-def _convert(gguf: Path, folder: Path) -> None:
-    """Convert into a private folder, then publish it with one rename.
+def _build_once(folder: Path, write: Callable[[Path], None], what: str) -> None:
+    """`write` a cache folder into a private folder, then publish it with one rename.
 
-    Ray workers may convert at the same time: each writes under its own name (atomically, so an
-    interrupted conversion leaves nothing usable behind), and the first rename onto `folder` wins.
+    Ray workers may build it at the same time: each writes under its own name (atomically, so an
+    interrupted build leaves nothing usable behind), and the first rename onto `folder` wins.
     """
-    logger.info("converting %s into %s (once; about 20 s)", gguf, folder)
+    logger.info("%s into %s", what, folder)
     started = time.perf_counter()
     candidate = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}")
     with atomic_directory(candidate) as staging:
-        _write_conversion(gguf, staging)
+        write(staging)
     _publish(candidate, folder)
-    logger.info("converted the embedded model in %.1f s", time.perf_counter() - started)
+    logger.info("wrote %s in %.1f s", folder.name, time.perf_counter() - started)
 
 
 def _write_conversion(gguf: Path, destination: Path) -> None:
@@ -321,7 +332,16 @@ def _write_conversion(gguf: Path, destination: Path) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings
     model.save_pretrained(destination)
     tokenizer.save_pretrained(destination)
-    _write_manifest(destination)
+    _write_manifest(destination, "float32")
+
+
+def _write_cast(source: Path, destination: Path, dtype: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype), local_files_only=True)
+    model.save_pretrained(destination)
+    AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(destination)
+    _write_manifest(destination, dtype)
 
 
 def _dequantised_model(gguf: Path) -> PreTrainedModel:
@@ -357,10 +377,11 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(folder: Path) -> None:
+def _write_manifest(folder: Path, dtype: str) -> None:
     files = {path.name: _sha256(path) for path in sorted(folder.iterdir()) if path.is_file()}
     manifest = {
         "source": _EMBEDDED_GGUF,
+        "dtype": dtype,
         "cache_format": _CACHE_FORMAT,
         "transformers": transformers.__version__,
         "sha256": files,

@@ -34,7 +34,7 @@ import torch
 import transformers
 
 from pipeline.config import ChainConfig
-from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, resident_mib
+from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, release_freed_memory, resident_mib
 from pipeline.models import accepts_logits_to_keep
 from pipeline.preprocess import TrimPadding
 from pipeline.ray_workers import verbose
@@ -167,6 +167,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         started = time.monotonic()
         with inference_engine(config, base_model):
             scores = score(config, base_model, tokenizer, loop_config["zero_shot_tasks"], rank, world_size)
+        release_freed_memory()
         ray.train.report({"zero_shot": scores, "seconds": time.monotonic() - started}, checkpoint=None)
 
     for entry in plan[resume.position:]:
@@ -222,6 +223,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
         engine.destroy()
         engine = optimizer = None
         base_model = model.unload()
+        release_freed_memory()  # the task's training and scoring memory, before the next task allocates its own
         progress["task_done"] = True
         final = {"task_index": task_index, "step": progress["steps"], "loss": progress["losses"][-1] if progress["losses"] else float("nan"),
                  "task_done": 1}

@@ -149,7 +149,7 @@ def test_a_shared_instruction_runs_once_and_scores_equal_naive(kind, attn, batch
     forward = model.forward
 
     def recording_forward(*args, **kwargs):
-        prompt_tokens.append(kwargs["input_ids"].numel() if kwargs.get("logits_to_keep") == 1 else 0)
+        prompt_tokens.append(kwargs["input_ids"].numel() if kwargs.get("logits_to_keep") is not None else 0)
         return forward(*args, **kwargs)
 
     model.forward = recording_forward
@@ -211,7 +211,7 @@ def test_prompts_are_batched_by_length_and_scores_come_back_in_input_order(llama
     forward = model.forward
 
     def recording_forward(*args, **kwargs):
-        if kwargs.get("logits_to_keep") == 1:  # the prompt pass; the candidate pass continues its cache
+        if kwargs.get("logits_to_keep") is not None:  # the prompt pass; the candidate pass continues its cache
             widths.append(kwargs["input_ids"].shape)
         return forward(*args, **kwargs)
 
@@ -223,6 +223,18 @@ def test_prompts_are_batched_by_length_and_scores_come_back_in_input_order(llama
     assert widths == [(1, 1), (2, lengths[1] - 1), (2, lengths[3] - 1), (1, lengths[4] - 1)]
     one_by_one = torch.stack([label_log_likelihoods(model, llama_tok, [p], CANDIDATES)[0] for p in PROMPTS])
     torch.testing.assert_close(scores, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_passes_hand_the_frozen_lm_head_a_contiguous_last_column(llama_tok):
+    """On a bf16 CPU, torch multiplies a strided (B, 1, d) view by a frozen weight as a batched matmul over a copy
+    of the weight per row (16 prompts through SmolLM2's head: 864 MiB); the prompt passes gather the last column."""
+    model = get_peft_model(make_llama(len(llama_tok)), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    head_inputs = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _, args: head_inputs.append(args[0]))
+    label_log_likelihoods(model, llama_tok, PROMPTS, CANDIDATES, batch_size=3)
+    generate_answers(model, llama_tok, PROMPTS, max_new_tokens=2, batch_size=3)
+    prompt_passes = [x for x in head_inputs if x.shape[0] > 1 and x.shape[1] == 1]
+    assert prompt_passes and all(x.is_contiguous() for x in prompt_passes)
 
 
 def test_answered_correctly_marks_each_example_and_splits_scored_together_score_as_alone(llama_tok):

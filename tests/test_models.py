@@ -16,6 +16,7 @@ from typing import NamedTuple
 import pytest
 import torch
 from pydantic import ValidationError
+from safetensors.torch import load_file
 from transformers import BertConfig, BertModel, GPT2LMHeadModel, LlamaForCausalLM
 
 from pipeline import models
@@ -316,9 +317,10 @@ def embedded(tmp_path_factory):
 
 @pytest.mark.integration
 def test_the_embedded_model_converts_once_then_loads_from_the_cache(embedded, caplog):
-    folder = embedded_model_folder()
+    folder = embedded_model_folder(dtype=str(AUTO_DTYPE).removeprefix("torch."))  # what the fixture's auto load read
     assert folder.parent == embedded.root / "models"
-    assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no staging left behind
+    # the conversion (and the cast of it that a bf16 CPU loads), no staging left behind
+    assert sorted(path.name for path in folder.parent.iterdir()) == sorted({embedded_model_folder().name, folder.name})
     assert embedded.model.name_or_path == str(folder)
     manifest = json.loads((folder / MANIFEST).read_text())
     assert set(manifest["sha256"]) >= {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"}
@@ -351,9 +353,24 @@ def test_the_embedded_model_is_the_real_smollm2(embedded):
 
 
 @pytest.mark.integration
-def test_the_embedded_model_loads_in_bfloat16_from_the_cache(embedded):
+def test_a_bfloat16_load_reads_weights_stored_in_bfloat16_cast_once_from_the_conversion(embedded, caplog):
+    """Read in the dtype they are stored in, the weights are mapped from the file; a bf16 load of the float32
+    conversion read and cast all of it (a peak of 3.5 bf16 copies in every worker)."""
+    float32 = embedded_model_folder()
     model, _ = load_model_and_tokenizer(ModelSpec(dtype="bfloat16"))
+    folder = embedded_model_folder(dtype="bfloat16")
+    assert folder.name == f"{float32.name}-bfloat16" and model.name_or_path == str(folder)
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    stored, converted = load_file(folder / "model.safetensors"), load_file(float32 / "model.safetensors")
+    assert stored.keys() == converted.keys()
+    assert all(stored[name].dtype == torch.bfloat16 and torch.equal(stored[name], converted[name].to(torch.bfloat16)) for name in stored)
+    assert json.loads((folder / MANIFEST).read_text())["dtype"] == "bfloat16"
+    before = {path.name: path.stat().st_mtime_ns for path in (folder, *folder.iterdir())}
+
+    with caplog.at_level(logging.INFO, logger="pipeline.models"):
+        load_model_and_tokenizer(ModelSpec(dtype="bfloat16"))
+    assert "casting" not in caplog.text
+    assert {path.name: path.stat().st_mtime_ns for path in (folder, *folder.iterdir())} == before
 
 
 @pytest.mark.integration
