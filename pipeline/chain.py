@@ -250,7 +250,7 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
     with tracker:
         manifest.mlflow_run_id = tracker.start(
             config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | (tags or {}), config_file=config_file,
-            resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id,
+            resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id, resolved_config=config.model_dump(mode="json"),
         )
         manifest.save(run_dir)
         for index in range(len(tasks)):

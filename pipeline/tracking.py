@@ -2,13 +2,14 @@
 
 Layout of what a chain records (task indices are 0-based, as the chain counts them):
 
-- parent run: the chain's params and tags, the config file under ``config/``; after each task, the
-  caller's per-task metrics with step = task index, and artifacts: a snapshot under
-  ``tasks/task_<i>/`` (``accuracy_matrix.json``, ``accuracy_matrix.png``, ``forgetting.png``,
-  ``slot_usage.png`` + ``slot_usage.json`` when given), the latest of those plus ``loss_curve.png``
-  (all tasks so far) at the root, and each caller artifact ``artifact path -> local path`` under a
-  task-specific path: ``checkpoints/task_<i>`` as given, or ``checkpoints`` -> ``checkpoints/task_<i>``.
-  ``log_artifacts`` adds chain-level artifacts (final adapter, manifest).
+- parent run: the chain's params and tags, the config file under ``config/`` and the resolved config as
+  ``config/resolved.yaml``; after each task, the caller's per-task metrics with step = task index; the
+  figures as MLflow images with step = task index (keys ``accuracy_matrix``, ``forgetting``, ``loss_curve``
+  (all tasks so far), ``slot_usage`` when given: the UI shows each key's history); the accuracy matrix as
+  the table ``tables/accuracy_matrix.json``, a row per trained task; the records under ``tasks/task_<i>/``
+  (``accuracy_matrix.json``, ``slot_usage.json`` when given); and each caller artifact ``artifact path ->
+  local path`` under a task-specific path: ``checkpoints/task_<i>`` as given, or ``checkpoints`` ->
+  ``checkpoints/task_<i>``. ``log_artifacts`` adds chain-level artifacts (final adapter, manifest).
 - nested run per task (tags ``task_index``, ``task_name``, ``mlflow.parentRunId``): the task's params
   and its train loss as the metric ``train/loss`` with step = optimizer step within the task.
 
@@ -18,7 +19,8 @@ process with Ray and possibly other MLflow users (Ray Tune callbacks), so explic
 parent/child pairing exact. The nested-run convention (the ``mlflow.parentRunId`` tag) is MLflow's own.
 
 ``log_task`` is idempotent: it reuses the task's nested run if one exists, logs only metric points
-and params not already recorded, and writes artifacts to task-specific paths (overwriting). A chain
+and params not already recorded, images and table rows it does not hold yet, and writes artifacts to
+task-specific paths (overwriting). A chain
 that lost MLflow mid-run can therefore re-log every task from its local records with a new tracker
 started with ``resume_run_id``.
 """
@@ -72,6 +74,9 @@ TASK_INDEX_TAG = "task_index"
 TASK_NAME_TAG = "task_name"
 LAST_TASK_TAG = "last_task_index"  # highest task index logged on the parent: a resumed chain can read it
 LOSS_METRIC = "train/loss"
+RESOLVED_CONFIG = "config/resolved.yaml"
+MATRIX_TABLE = "tables/accuracy_matrix.json"  # the accuracy matrix as an MLflow table, a row per task trained
+REDACTED = "<redacted>"
 # A store that does not answer within this many seconds counts as unreachable: MLflow's own HTTP
 # client retries 7 times with exponential backoff (~4 minutes against a closed port).
 PROBE_TIMEOUT_S = 5
@@ -198,10 +203,24 @@ def _redacted_text(text: str) -> str | None:
         match = _ASSIGNMENT.match(body)
         if match and looks_secret(match["key"]) and match["value"] not in ("", "{", "["):
             comma = "," if match["value"].endswith(",") else ""
-            line = f'{match["lead"]}{match["key"]}{match["sep"]}"<redacted>"{comma}{line[len(body):]}'
+            line = f'{match["lead"]}{match["key"]}{match["sep"]}"{REDACTED}"{comma}{line[len(body):]}'
             changed = True
         lines.append(line)
     return "".join(lines) if changed else None
+
+
+def _redacted_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with the value of every secret-looking key (``looks_secret``), at any depth, replaced."""
+    def redact(value: Any, key: str) -> Any:
+        if looks_secret(key):
+            return REDACTED
+        if isinstance(value, Mapping):
+            return {k: redact(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [redact(item, key) if isinstance(item, (Mapping, list, tuple)) else item for item in value]
+        return value
+
+    return redact(dict(values), "")
 
 
 def _check_artifacts(artifacts: Mapping[str, Path]) -> None:
@@ -386,7 +405,8 @@ class ChainTracker:
     # --------------------------------------------------------------- the chain run
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], config_file: Path | None,
-              resume_run_id: str | None = None, parent_run_id: str | None = None) -> str:
+              resume_run_id: str | None = None, parent_run_id: str | None = None,
+              resolved_config: Mapping[str, Any] | None = None) -> str:
         """Start the chain's parent run, or resume run ``resume_run_id`` (a re-submitted chain); returns its id.
 
         ``parent_run_id`` nests the chain run itself under another run (a Tune sweep's run: sweep ->
@@ -395,8 +415,10 @@ class ChainTracker:
         Params are flattened (nested dicts -> dotted keys) and truncated to MLflow's value limit. On
         resume only params not yet logged are logged; one logged with another value raises TrackingError
         naming it, before the run is touched. Tags (git commit, package versions: the caller's) are set,
-        overwriting earlier values on resume. The config file is logged under ``config/``. Keys that look
-        like secrets (``looks_secret``) are never logged, and their values are redacted in the config copy.
+        overwriting earlier values on resume. The config file is logged under ``config/`` as written (provenance),
+        and ``resolved_config``, the config that runs (``--set`` overrides applied, defaults filled in), as
+        ``config/resolved.yaml``. Keys that look like secrets (``looks_secret``) are never logged, and their values
+        are redacted in both config copies.
         """
         if self.parent_run_id is not None:
             raise RuntimeError(f"this tracker already started run {self.parent_run_id}")
@@ -418,6 +440,8 @@ class ChainTracker:
             self._log_batch(run_id, params=clean_params, tags=clean_tags)
             if config_file is not None:
                 self._log_config(run_id, Path(config_file))
+            if resolved_config is not None:
+                self._client.log_dict(run_id, _redacted_mapping(resolved_config), RESOLVED_CONFIG)
         return run_id
 
     def _log_config(self, run_id: str, config_file: Path) -> None:
@@ -488,14 +512,15 @@ class ChainTracker:
 
         with tempfile.TemporaryDirectory(prefix="procl-task-") as tmp:
             # Everything is rendered before the first MLflow call: a bad input cannot leave a half-logged task.
-            snapshot = Path(tmp) / "snapshot"
+            snapshot, figures = Path(tmp) / "snapshot", Path(tmp) / "figures"
             snapshot.mkdir()
+            figures.mkdir()
             (snapshot / "accuracy_matrix.json").write_text(json.dumps(_matrix_json(matrix, task_names, task_index), indent=1))
-            plots.accuracy_matrix_heatmap(matrix, task_names, snapshot / "accuracy_matrix.png")
-            plots.forgetting_plot(matrix, task_names, snapshot / "forgetting.png")
+            plots.accuracy_matrix_heatmap(matrix, task_names, figures / "accuracy_matrix.png")
+            plots.forgetting_plot(matrix, task_names, figures / "forgetting.png")
             if task_slot_usage:
                 (snapshot / "slot_usage.json").write_text(json.dumps([dict(u) for u in task_slot_usage], indent=1))
-                plots.slot_usage_plot(task_slot_usage, task_names, snapshot / "slot_usage.png")
+                plots.slot_usage_plot(task_slot_usage, task_names, figures / "slot_usage.png")
 
             with self._store_errors(f"logging task {task_index} ({task_name})"):
                 nested_runs = self._nested_runs(parent)
@@ -511,12 +536,11 @@ class ChainTracker:
                     self._log_artifacts(parent, snapshot, f"tasks/task_{task_index}")
                     for name, local in artifacts.items():
                         self._log_artifacts(parent, Path(local), artifact_paths[name])
+                    plots.loss_curve_plot(self._chain_losses(nested_runs, task_index, task_name, train_losses), figures / "loss_curve.png")
+                    self._log_images(parent, figures, task_index)
+                    self._log_matrix_rows(parent, matrix, task_names)
                     last = self._client.get_run(parent).data.tags.get(LAST_TASK_TAG)
-                    if last is None or int(last) <= task_index:
-                        # Re-logging an earlier task after a resume must not roll the root copies back.
-                        losses = self._chain_losses(nested_runs, task_index, task_name, train_losses)
-                        plots.loss_curve_plot(losses, snapshot / "loss_curve.png")
-                        self._log_artifacts(parent, snapshot, None)
+                    if last is None or int(last) < task_index:
                         self._client.set_tag(parent, LAST_TASK_TAG, str(task_index))
                     self._client.set_terminated(nested, "FINISHED")
                     self._open_nested = None
@@ -529,6 +553,33 @@ class ChainTracker:
         # collection per task (~0.3 s) frees them.
         gc.collect()
         return nested
+
+    def _log_images(self, run_id: str, figures: Path, step: int) -> None:
+        """Each figure as the image of its key (its file name) at `step`, the task index: the UI shows each key's
+        history with a step slider. A (key, step) the run already has is not logged again (a re-logged task)."""
+        from PIL import Image
+
+        logged = {entry.path.rsplit("/", 1)[-1] for entry in self._client.list_artifacts(run_id, "images")}
+        for png in sorted(figures.glob("*.png")):
+            if any(name.startswith(f"{png.stem}+step+{step}+") for name in logged):
+                continue
+            with Image.open(png) as image:
+                self._client.log_image(run_id, image.convert("RGB"), key=png.stem, step=step)
+
+    def _log_matrix_rows(self, run_id: str, matrix: Sequence[Sequence[float]], task_names: Sequence[str]) -> None:
+        """The rows of the accuracy matrix that `MATRIX_TABLE` does not hold yet (log_table appends): a row is
+        final once its task is trained, so the table grows by one row per task (by two with the zero-shot row)."""
+        held = 0
+        if any(entry.path == MATRIX_TABLE for entry in self._client.list_artifacts(run_id, Path(MATRIX_TABLE).parent.as_posix())):
+            with tempfile.TemporaryDirectory(prefix="procl-table-") as tmp:
+                held = len(json.loads(Path(self._client.download_artifacts(run_id, MATRIX_TABLE, tmp)).read_text())["data"])
+        rows = _matrix_json(matrix, task_names, len(matrix) - 2)
+        if held >= len(rows["rows"]):
+            return
+        table = {"after": rows["row_names"][held:]}
+        for column, name in enumerate(task_names):
+            table[name] = [row[column] for row in rows["rows"][held:]]
+        self._client.log_table(run_id, data=table, artifact_file=MATRIX_TABLE)
 
     def log_artifacts(self, artifacts: Mapping[str, Path]) -> None:
         """Chain-level artifacts on the parent run: ``artifacts[path]`` (a local file or folder) goes under

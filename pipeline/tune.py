@@ -249,6 +249,7 @@ def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, t
         state["mlflow_run_id"] = tracker.start(
             name, params={"sweep.trials": trials, "sweep.space": space.model_dump(mode="json"), **base},
             tags=provenance_tags() | {"procl.kind": "sweep"}, config_file=config_file, resume_run_id=state.get("mlflow_run_id"),
+            resolved_config=base,
         )
         atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps(state, indent=1))
         tracker.log_artifacts({"space": Path(space_file)})

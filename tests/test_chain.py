@@ -83,7 +83,7 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     try:
-        result = run_cli("run", str(config), env={"RAY_TMPDIR": str(ray_tmp)})
+        result = run_cli("run", str(config), "--set", "evaluation.max_new_tokens=12", env={"RAY_TMPDIR": str(ray_tmp)})
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
@@ -117,7 +117,14 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     evaluate_seconds = client.get_metric_history(parent.info.run_id, "seconds/evaluate")
     assert [m.step for m in evaluate_seconds] == [0, 1, 2] and all(m.value > 0 for m in evaluate_seconds)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"accuracy_matrix.json", "checkpoints", "adapter"} <= artifacts | {p.split("/")[0] for p in artifacts}
+    assert {"tables", "images", "tasks", "config", "checkpoints", "adapter"} <= artifacts
+    # the config that ran, --set value included; the figures as image history, a step per task; the matrix table
+    resolved = yaml.safe_load(Path(client.download_artifacts(parent.info.run_id, "config/resolved.yaml", str(tmp_path))).read_text())
+    assert resolved["evaluation"]["max_new_tokens"] == 12 and resolved["training"]["lr"] == 0.005
+    images = [a.path for a in client.list_artifacts(parent.info.run_id, "images") if a.path.endswith(".png")]
+    assert sorted(int(path.split("+")[2]) for path in images if "/accuracy_matrix+" in path) == [0, 1, 2]
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "tables/accuracy_matrix.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["after", "amazon", "bbc", "yahoo"] and len(table["data"]) == 4
 
     # the exported adapter is a plain peft LoRA that vanilla peft loads and merges
     from peft import PeftModel

@@ -17,10 +17,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.tracking import LOSS_METRIC, ChainTracker, TrackingError, default_tracking_uri, looks_secret
+from pipeline.tracking import LOSS_METRIC, MATRIX_TABLE, RESOLVED_CONFIG, ChainTracker, TrackingError, default_tracking_uri, looks_secret
 from procl import metrics as cl_metrics
 
 nan = math.nan
@@ -47,7 +48,10 @@ PARAMS = {
 }
 TAGS = {"git_commit": "abc123", "versions": {"mlflow": "3.17.2"}, "MLFLOW_TRACKING_TOKEN": "SECRET3"}
 CONFIG = "strategy: procl\nprocl:\n  key_dim: 16\nmlflow:\n  tracking_token: SECRET4\n  password = SECRET5\n"
-SECRETS = ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6")
+# the config as it ran (--set values applied), logged beside the file
+RESOLVED = {"strategy": {"name": "procl", "procl": {"key_dim": 16}}, "training": {"lr": 0.002},
+            "tracking": {"auth": {"api_key": "SECRET7"}}, "sources": [{"name": "hub", "hf_token": "SECRET8"}]}
+SECRETS = ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6", "SECRET7", "SECRET8")
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -94,6 +98,20 @@ def artifact_root(client: MlflowClient, run_id: str) -> Path:
     return Path(unquote(urlsplit(uri).path))
 
 
+def image_steps(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """key -> the steps of its logged images (MLflow names them images/<key>+step+<step>+timestamp+...)."""
+    steps: dict[str, list[int]] = {}
+    for entry in client.list_artifacts(run_id, "images"):
+        key, _, step, *_ = entry.path.removeprefix("images/").split("+")
+        if entry.path.endswith(".png") and not key.endswith("compressed"):
+            steps.setdefault(key, []).append(int(step))
+    return {key: sorted(value) for key, value in steps.items()}
+
+
+def matrix_table(client: MlflowClient, run_id: str) -> dict:
+    return json.loads((artifact_root(client, run_id) / MATRIX_TABLE).read_text())
+
+
 def nested_runs(client: MlflowClient, experiment_id: str, parent_id: str):
     return client.search_runs([experiment_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_id}'")
 
@@ -113,7 +131,7 @@ def chain(store, tmp_path_factory):
     config.write_text(CONFIG)
     adapter = adapter_dir(run_dir)
     with ChainTracker(store, "chain", run_dir) as tracker:
-        parent = tracker.start("demo-chain", PARAMS, TAGS, config)
+        parent = tracker.start("demo-chain", PARAMS, TAGS, config, resolved_config=RESOLVED)
         # "checkpoints" gets the task folder appended; "checkpoints/task_2" already names it
         nested = [log(tracker, 0, adapter), log(tracker, 1, adapter), log(tracker, 2, adapter, artifact_path="checkpoints/task_2")]
         (run_dir / "manifest.json").write_text('{"tasks": 3}')
@@ -149,20 +167,25 @@ def test_chain_artifacts(chain):
     root = artifact_root(client, parent)
     assert root.is_relative_to(run_dir / "mlartifacts")  # not ./mlruns of the working directory
 
-    expected_final = [[None if math.isnan(v) else v for v in row] for row in MATRIX]
-    latest = json.loads((root / "accuracy_matrix.json").read_text())
-    assert latest["rows"] == expected_final and latest["task_names"] == NAMES and latest["task_index"] == 2
     first = json.loads((root / "tasks/task_0/accuracy_matrix.json").read_text())
     assert first["rows"] == [[None if math.isnan(v) else v for v in row] for row in MATRIX[:2]]
-    assert first["row_names"] == ["zero-shot", "after sst2"]
-
-    pngs = ["accuracy_matrix.png", "forgetting.png", "slot_usage.png", "loss_curve.png",
-            "tasks/task_0/accuracy_matrix.png", "tasks/task_2/forgetting.png", "tasks/task_2/slot_usage.png"]
-    for name in pngs:
-        data = (root / name).read_bytes()
-        assert data.startswith(PNG) and len(data) > 1000, name
-    assert not (root / "tasks/task_0/slot_usage.png").exists()  # task 1 has no program memory
+    assert first["row_names"] == ["zero-shot", "after sst2"] and first["task_names"] == NAMES and first["task_index"] == 0
     assert json.loads((root / "tasks/task_2/slot_usage.json").read_text()) == USAGE
+    assert not (root / "tasks/task_0/slot_usage.json").exists()  # task 1 has no program memory
+
+    # the figures as image history, one image per task; slot usage from task 2 on
+    assert image_steps(client, parent) == {"accuracy_matrix": [0, 1, 2], "forgetting": [0, 1, 2], "loss_curve": [0, 1, 2],
+                                          "slot_usage": [1, 2]}
+    pngs = [entry.path for entry in client.list_artifacts(parent, "images") if entry.path.endswith(".png")]
+    assert all((root / name).read_bytes().startswith(PNG) for name in pngs)
+    assert not list(root.glob("*.png")) and not list(root.glob("tasks/*/*.png"))  # no file copies beside them
+
+    # the matrix as an MLflow table (a row per task trained, NaN as null), which the UI lists as a table
+    table = matrix_table(client, parent)
+    assert table["columns"] == ["after", *NAMES]
+    assert table["data"] == [[name, *[None if math.isnan(v) else v for v in row]]
+                             for name, row in zip(["zero-shot", "after sst2", "after boolq", "after yahoo"], MATRIX)]
+    assert {"path": MATRIX_TABLE, "type": "table"} in json.loads(client.get_run(parent).data.tags["mlflow.loggedArtifacts"])
     for task in range(3):
         assert (root / f"checkpoints/task_{task}/adapter_config.json").read_text() == '{"r": 8}'
         assert (root / f"checkpoints/task_{task}/adapter_model.safetensors").stat().st_size == 64
@@ -186,6 +209,10 @@ def test_secrets_filtered(chain):
     config = (artifact_root(client, parent) / "config/chain.yaml").read_text()
     assert not any(secret in config for secret in SECRETS)
     assert "key_dim: 16" in config and 'tracking_token: "<redacted>"' in config
+
+    resolved = yaml.safe_load((artifact_root(client, parent) / RESOLVED_CONFIG).read_text())
+    assert resolved["training"]["lr"] == 0.002 and resolved["strategy"] == RESOLVED["strategy"]
+    assert resolved["tracking"]["auth"]["api_key"] == "<redacted>" and resolved["sources"] == [{"name": "hub", "hf_token": "<redacted>"}]
 
 
 @pytest.mark.parametrize(
@@ -223,6 +250,10 @@ def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
     assert [m.step for m in client.get_metric_history(task_1, LOSS_METRIC)] == [0, 1, 2, 3, 4]  # no duplicated points
     assert [m.step for m in client.get_metric_history(parent, "average_accuracy")] == [0, 1, 2]
     assert client.get_run(parent).data.params == {"lr": "0.001", "seed": "0", "new_param": "1"}
+    # re-logging task 1 added no image and no table row: each figure once per task, the matrix row by row
+    assert image_steps(client, parent) == {"accuracy_matrix": [0, 1, 2], "forgetting": [0, 1, 2], "loss_curve": [0, 1, 2],
+                                          "slot_usage": [1, 2]}
+    assert [row[0] for row in matrix_table(client, parent)["data"]] == ["zero-shot", "after sst2", "after boolq", "after yahoo"]
 
     third = ChainTracker(store, "resume", tmp_path)
     with pytest.raises(TrackingError, match="lr"):
