@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/eval_precision.py --adapter runs/demo-procl/adapter  # + a trained, merged adapter
 
 The chain scores every seen task after every task, so on small tasks scoring is a large share of a
-chain's time (`evaluation_share` on the chain's MLflow run). This measures what `evaluation.bf16`
+chain's time (`seconds/evaluation_share` on the chain's MLflow run). This measures what `evaluation.bf16`
 buys on this CPU (AMX-bf16): the same label-scoring code (`pipeline.evaluation.classify`) on the same
 prompts and batch size, fp32 then bf16 autocast, task by task; reports the speed ratio, how often the
 two pick the same label, and each one's accuracy. One JSON line last.

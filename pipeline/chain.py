@@ -301,7 +301,7 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
             tracker.log_artifacts({"manifest": manifest.save(run_dir)})
         share = manifest.evaluation_share()
         if not math.isnan(share):
-            tracker.log_summary({"evaluation_share": share})
+            tracker.log_summary({"seconds/evaluation_share": share})
             console.print(f"evaluation took {share:.0%} of the chain's task time")
     matrix = manifest.matrix("test")
     adapter_dir = Path(manifest.adapter_dir) if manifest.adapter_dir else None
@@ -313,7 +313,7 @@ def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: 
     scores = results["scores"]
     record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
                         scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"],
-                        memory=results["memory"])
+                        memory=results["memory"], ended_at=time.time())
     manifest.record(record)
     return record
 
@@ -336,14 +336,19 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
     summary = metrics.summary(test_matrix)
     task_metrics = {f"test/{name}": score for name, score in record.test.items()}
     task_metrics |= {f"validation/{name}": score for name, score in record.validation.items()}
-    task_metrics |= {k: v for k, v in summary.items() if not math.isnan(v)}
-    task_metrics["validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
+    # prefixed: the MLflow UI groups charts by the part before the first "/" (docs/METRICS.md lists the names)
+    task_metrics |= {f"cl/{k}": v for k, v in summary.items() if not math.isnan(v)}
+    task_metrics["cl/validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
     task_metrics |= {f"seconds/{phase}": value for phase, value in record.seconds.items()}
     task_metrics |= {f"memory/{name}": value for name, value in record.memory.items()}
     meta = json.loads((state_dir / META_FILE).read_text())
+    span = None
+    if record.ended_at is not None and "task" in record.seconds:
+        span = (record.ended_at - record.seconds["task"], record.ended_at)
     return tracker.log_task(
         record.index,
         record.name,
+        span=span,
         params={"task_name": record.name, "train_examples": len(record.losses)},
         train_losses=record.losses,
         metrics=task_metrics,

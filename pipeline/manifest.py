@@ -40,6 +40,8 @@ class TaskRecord:
     resumed_at: list[int] = field(default_factory=list)
     # a training worker's host memory in MiB (pipeline.memory.WorkerMemory, the rank with the most model copies)
     memory: dict[str, float] = field(default_factory=dict)
+    # when the driver recorded the task as finished (unix seconds): with seconds["task"], the task's span
+    ended_at: float | None = None
 
 
 @dataclass

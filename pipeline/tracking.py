@@ -10,8 +10,9 @@ Layout of what a chain records (task indices are 0-based, as the chain counts th
   (``accuracy_matrix.json``, ``slot_usage.json`` when given); and each caller artifact ``artifact path ->
   local path`` under a task-specific path: ``checkpoints/task_<i>`` as given, or ``checkpoints`` ->
   ``checkpoints/task_<i>``. ``log_artifacts`` adds chain-level artifacts (final adapter, manifest).
-- nested run per task (tags ``task_index``, ``task_name``, ``mlflow.parentRunId``): the task's params
-  and its train loss as the metric ``train/loss`` with step = optimizer step within the task.
+- nested run per task (tags ``task_index``, ``task_name``, ``mlflow.parentRunId``), starting and ending
+  when the task did: the task's params and its train loss as the metric ``train/loss`` with step =
+  optimizer step within the task.
 
 Everything goes through ``MlflowClient`` with explicit run ids rather than the fluent
 ``mlflow.start_run`` stack: the active-run stack is process-global, and the chain's driver shares its
@@ -487,8 +488,12 @@ class ChainTracker:
         task_names: Sequence[str],
         task_slot_usage: Sequence[Mapping[str, Sequence[float]]] | None = None,
         artifacts: Mapping[str, Path] | None = None,
+        span: tuple[float, float] | None = None,
     ) -> str:
         """Record task ``task_index`` (0-based): its nested run, and on the chain run its metrics and artifacts.
+
+        ``span``, (start, end) in unix seconds, is when the task ran: the nested run's start and end time (and so
+        its duration in the UI); without it the run spans the logging.
 
         ``matrix`` is the accuracy matrix so far (zero-shot row + one row per trained task, i.e.
         task_index + 2 rows); ``metrics`` are logged on the chain run with step = task_index;
@@ -527,7 +532,7 @@ class ChainTracker:
                 existing = nested_runs.get(task_index)
                 # a changed param is refused before the task's finished run is reopened
                 new_params = task_params if existing is None else self._new_params(existing.info.run_id, task_params)
-                nested = self._open_task_run(parent, task_index, task_name, existing)
+                nested = self._open_task_run(parent, task_index, task_name, existing, span)
                 try:
                     self._log_batch(nested, params=new_params)
                     self._log_missing_points(nested, {LOSS_METRIC: list(enumerate(train_losses))}, fresh=existing is None)
@@ -542,7 +547,7 @@ class ChainTracker:
                     last = self._client.get_run(parent).data.tags.get(LAST_TASK_TAG)
                     if last is None or int(last) < task_index:
                         self._client.set_tag(parent, LAST_TASK_TAG, str(task_index))
-                    self._client.set_terminated(nested, "FINISHED")
+                    self._client.set_terminated(nested, "FINISHED", end_time=None if span is None else int(span[1] * 1000))
                     self._open_nested = None
                 except BaseException:
                     self._end_quietly(nested, "FAILED")
@@ -612,10 +617,12 @@ class ChainTracker:
                 self._log_batch(run.info.run_id, tags=_clean_tags(tags))
                 self._client.set_terminated(run.info.run_id, status)
 
-    def _open_task_run(self, parent: str, task_index: int, task_name: str, existing: Run | None) -> str:
+    def _open_task_run(self, parent: str, task_index: int, task_name: str, existing: Run | None,
+                       span: tuple[float, float] | None) -> str:
         if existing is None:
             tags = {MLFLOW_PARENT_RUN_ID: parent, TASK_INDEX_TAG: str(task_index), TASK_NAME_TAG: task_name}
-            run_id = self._client.create_run(self.experiment_id, tags=tags, run_name=f"task_{task_index}-{task_name}").info.run_id
+            run_id = self._client.create_run(self.experiment_id, tags=tags, run_name=f"task_{task_index}-{task_name}",
+                                             start_time=None if span is None else int(span[0] * 1000)).info.run_id
         else:
             recorded = existing.data.tags.get(TASK_NAME_TAG)
             if recorded != task_name:

@@ -284,7 +284,7 @@ def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, t
         best = _best_result(grid, len(tasks))
         best_values = {path: best.config[path] for path in space.params}
         best_file = _write_best_config(sweep_dir / BEST_CONFIG, config, space, best_values, name, best.metrics)
-        tracker.log_summary({f"best_{OBJECTIVE}": best.metrics[OBJECTIVE], "trials": len(grid)},
+        tracker.log_summary({f"sweep/best_{OBJECTIVE}": best.metrics[OBJECTIVE], "sweep/trials": len(grid)},
                             tags={"best_trial_id": best.metrics["trial_id"]} | {f"best.{k}": v for k, v in best_values.items()})
         tracker.log_artifacts({"best_config": best_file})
     return SweepResult(sweep_dir=sweep_dir, best_config=best_file, best_trial=best.metrics["trial_id"],

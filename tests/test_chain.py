@@ -110,10 +110,15 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1 and len(children) == 3
+    # each task run spans its task (the driver's task seconds), not the moment it was logged
+    durations = {r.data.tags["task_index"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
+    assert durations == {str(i): pytest.approx(record["seconds"]["task"], abs=0.002) for i, record in enumerate(manifest["tasks"])}
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(parent.info.run_id, "average_accuracy")] == [0, 1, 2]
-    assert 0 < parent.data.metrics["evaluation_share"] < 1
+    # every metric name is grouped under a prefix (docs/METRICS.md)
+    assert {name.split("/")[0] for name in parent.data.metrics} == {"cl", "test", "validation", "seconds", "memory"}
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "cl/average_accuracy")] == [0, 1, 2]
+    assert 0 < parent.data.metrics["seconds/evaluation_share"] < 1
     evaluate_seconds = client.get_metric_history(parent.info.run_id, "seconds/evaluate")
     assert [m.step for m in evaluate_seconds] == [0, 1, 2] and all(m.value > 0 for m in evaluate_seconds)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -268,6 +268,18 @@ def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
     assert client.get_run(task_0).info.status == "FINISHED"  # the refused re-log did not reopen it
 
 
+def test_a_task_run_spans_the_task_it_records(store, tmp_path):
+    """The nested run starts and ends when the task did (the UI's duration), not when it was logged."""
+    tracker = ChainTracker(store, "span", tmp_path)
+    tracker.start("chain", {"lr": 1e-3}, {}, None)
+    started = time.time() - 3600  # an hour ago, as when a chain re-logs a task after an outage
+    nested = tracker.log_task(0, NAMES[0], params={}, train_losses=losses(0), metrics={}, matrix=MATRIX[:2],
+                              task_names=NAMES, span=(started, started + 42.5))
+    tracker.finish()
+    info = MlflowClient(store).get_run(nested).info
+    assert (info.start_time, info.end_time) == (int(started * 1000), int((started + 42.5) * 1000))
+
+
 def test_a_logged_task_leaves_no_figure_behind(store, tmp_path):
     """The plots' Figures (reference cycles holding their pixels) are freed by log_task itself, not whenever
     the cyclic collector next runs: in the chain's driver that was rarely, and memory grew every task."""
