@@ -121,7 +121,7 @@ def test_an_interrupted_sweep_resumes_logs_every_trial_once_and_writes_a_runnabl
     trial_ids = [r.data.tags["tune.trial_id"] for r in trials]
     assert len(trials) == 3 and len(set(trial_ids)) == 3  # one chain run per trial, also for trials the kill interrupted
     for trial in trials:
-        assert "strategy.procl.tau" in trial.data.params and "average_accuracy" in trial.data.metrics
+        assert "strategy.procl.tau" in trial.data.params and "cl/average_accuracy" in trial.data.metrics
         tasks = sorted(r.data.tags["task_index"] for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id)
         # a trial that ran both tasks finished its chain; one ASHA stopped after task 1 ends KILLED
         assert (tasks, trial.info.status) in ((["0", "1"], "FINISHED"), (["0"], "KILLED")), (tasks, trial.info.status)
