@@ -235,7 +235,7 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
 
 def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,
                  tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
-    from pipeline.tracking import ChainTracker, default_tracking_uri
+    from pipeline.tracking import ChainTracker, default_tracking_uri, split_datasets
 
     run_dir = config.run_dir()
     manifest = Manifest.open(run_dir, config.fingerprint(), [task.name for task in tasks])
@@ -246,18 +246,20 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
     print(precision)
     init_ray(config)
+    datasets = {task.name: split_datasets(task.name, task.splits, task.source) for task in tasks}
 
     with tracker:
         manifest.mlflow_run_id = tracker.start(
             config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | (tags or {}), config_file=config_file,
             resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id, resolved_config=config.model_dump(mode="json"),
+            datasets=[entry for task in tasks for entry in datasets[task.name]],
         )
         manifest.save(run_dir)
         for index in range(len(tasks)):
             if manifest.is_done(index):
                 record = manifest.task(index)
                 if record.mlflow_run_id is None:  # the driver stopped between recording the task and logging it
-                    record.mlflow_run_id = _log_task(tracker, manifest, record, config)
+                    record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
                     manifest.save(run_dir)
                 console.print(f"[dim]task {index + 1}/{len(tasks)} {tasks[index].name}: finished earlier, skipped[/]")
                 if on_task_done:
@@ -272,6 +274,7 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
         if zero_shot or pending or export:
             previous = manifest.last_state()
             plan = _training_plan(config, tasks, pending, previous)
+            train_examples = {index: len(examples) for index, examples in plan}
             last_end = time.monotonic()
             for results in _worker_group_results(config, tasks, plan, previous, zero_shot, export):
                 if results["kind"] == "zero_shot":
@@ -287,9 +290,9 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
                     seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
                     last_end = time.monotonic()
                     seconds["train"] = seconds["task"] - seconds["evaluate"]  # with start-up and data: all but scoring
-                    record = _record_task(manifest, tasks, results, seconds)
+                    record = _record_task(manifest, tasks, results, seconds, train_examples[results["index"]])
                     manifest.save(run_dir)
-                    record.mlflow_run_id = _log_task(tracker, manifest, record, config)
+                    record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
                     manifest.save(run_dir)
                     console.print(f"task {record.index + 1}/{len(tasks)} {record.name}: test {_format(record.test)}  "
                                   f"(train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
@@ -308,12 +311,12 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
     return ChainResult(run_dir, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
 
 
-def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float]) -> TaskRecord:
+def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float], train_examples: int) -> TaskRecord:
     state_dir = Path(results["state_dir"])
     scores = results["scores"]
     record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
                         scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"],
-                        memory=results["memory"], ended_at=time.time())
+                        memory=results["memory"], ended_at=time.time(), train_examples=train_examples)
     manifest.record(record)
     return record
 
@@ -328,7 +331,7 @@ def _check_writable(run_dir: Path) -> None:
         raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
 
 
-def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConfig) -> str:
+def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConfig, datasets: list) -> str:
     state_dir = Path(record.state_dir)
     rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
     test_matrix = manifest.matrix("test")[:rows]
@@ -349,7 +352,9 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
         record.index,
         record.name,
         span=span,
-        params={"task_name": record.name, "train_examples": len(record.losses)},
+        datasets=datasets,
+        params={"task_name": record.name, "optimizer_steps": len(record.losses)}
+        | ({} if record.train_examples is None else {"train_examples": record.train_examples}),
         train_losses=record.losses,
         metrics=task_metrics,
         matrix=test_matrix,
@@ -364,17 +369,20 @@ def _format(scores: dict[str, float]) -> str:
 
 
 def provenance_tags() -> dict[str, str]:
-    """Git commit and package versions, so runs are comparable and reproducible."""
-    import subprocess
+    """MLflow's standard run tags (user, source, and the commit, branch and remote of this project's git
+    checkout: the runs list's Source column) and the versions of the stack, so that runs are comparable and
+    reproducible. The git tags are read from the project's folder, not from the entry point's as MLflow's
+    own context does: a Tune trial's chain runs in a Ray worker process."""
     from importlib.metadata import PackageNotFoundError, version
 
-    tags: dict[str, str] = {}
-    try:
-        tags["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        tags["git_commit"] = "unknown"
+    from mlflow.tracking.context.registry import resolve_tags
+    from mlflow.utils import git_utils
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL, MLFLOW_SOURCE_NAME
+
+    project = str(Path(__file__).parent)
+    git = {MLFLOW_GIT_COMMIT: git_utils.get_git_commit(project), MLFLOW_GIT_BRANCH: git_utils.get_git_branch(project),
+           MLFLOW_GIT_REPO_URL: git_utils.get_git_repo_url(project)}
+    tags = resolve_tags({MLFLOW_SOURCE_NAME: "python -m pipeline"} | {key: value for key, value in git.items() if value})
     for package in ("torch", "transformers", "peft", "deepspeed", "ray", "mlflow"):
         try:
             tags[f"version.{package}"] = version(package)

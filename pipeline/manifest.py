@@ -42,6 +42,8 @@ class TaskRecord:
     memory: dict[str, float] = field(default_factory=dict)
     # when the driver recorded the task as finished (unix seconds): with seconds["task"], the task's span
     ended_at: float | None = None
+    # the examples the task trained on (replay and multitask add earlier tasks' examples to its own)
+    train_examples: int | None = None
 
 
 @dataclass

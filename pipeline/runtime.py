@@ -172,9 +172,11 @@ def train_steps(engine, model, strategy, batches: Iterable[dict[str, torch.Tenso
                 accumulation: int, after_step: Callable[[float], None] | None = None) -> None:
     """A task's optimizer steps over `batches` (micro-batches), until `total_steps`: the task loss plus the strategy's
     extra loss, DeepSpeed's backward and step (the LR schedule steps with it), and the strategy's hook after each
-    optimizer step. `progress` (steps done, losses) is updated in place; the micro-batches of the steps it already
-    counts are skipped (a task resumed from an in-task checkpoint). `after_step(loss)` runs after each optimizer step."""
+    optimizer step. `progress` (steps done, and per optimizer step the task loss averaged over its micro-batches
+    and the ranks) is updated in place; the micro-batches of the steps it already counts are skipped (a task
+    resumed from an in-task checkpoint). `after_step(loss)` runs after each optimizer step with that loss."""
     micro_steps_done = progress["steps"] * accumulation
+    step_losses: list[torch.Tensor] = []
     for micro_step, batch in enumerate(batches, start=1):
         if micro_step <= micro_steps_done:
             continue
@@ -184,13 +186,27 @@ def train_steps(engine, model, strategy, batches: Iterable[dict[str, torch.Tenso
         extra = strategy.extra_loss(model)
         engine.backward(loss if extra is None else loss + extra)
         engine.step()
-        progress["losses"].append(loss.item())
+        step_losses.append(loss.detach().float())
         if micro_step % accumulation:
             continue
         strategy.after_optimizer_step(model, engine)
         progress["steps"] += 1
+        progress["losses"].append(mean_over_ranks(torch.stack(step_losses).mean()))
+        step_losses.clear()
         if after_step is not None:
-            after_step(loss.item())
+            after_step(progress["losses"][-1])
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    """`value`'s mean over the ranks of the process group (collective: every rank calls it), or `value` alone
+    outside one. A sum divided by the world size: gloo has no average."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value.item()
+    total = value.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.item() / dist.get_world_size()
 
 
 def settle_precision(config: ChainConfig, device: torch.device, rank: int) -> ChainConfig:

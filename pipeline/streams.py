@@ -157,6 +157,7 @@ class Task:
     answers: list[str]  # the label words of a classification task (empty for free-form answers)
     splits: dict[str, list[dict[str, str]]]  # split -> [{"text", "target"}]
     report: dict[str, object] = field(default_factory=dict)
+    source: dict[str, object] = field(default_factory=dict)  # where the records came from: the stream's `source`
 
     def prompts(self, split: str) -> list[str]:
         return [format_prompt(self.instruction, r["text"]) for r in self.splits[split]]
@@ -305,7 +306,7 @@ def build_task(spec: TaskSpec, stream_seed: int, base: Path) -> Task:
         answers = []
         mapped = {s: [{"text": r["text"], "target": r["label"]} for r in rs] for s, rs in splits.items()}
     report["sizes"] = {s: len(rs) for s, rs in mapped.items()}
-    return Task(spec.name, spec.instruction, spec.metric, answers, mapped, report)
+    return Task(spec.name, spec.instruction, spec.metric, answers, mapped, report, spec.source.model_dump(exclude_none=True))
 
 
 def _carve(pool: list[dict], count: int, rng: random.Random) -> tuple[list[dict], list[dict]]:

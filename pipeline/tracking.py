@@ -46,17 +46,12 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.utils.credentials import get_default_host_creds
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.rest_utils import http_request
-from mlflow.utils.validation import (
-    MAX_METRICS_PER_BATCH,
-    MAX_PARAM_VAL_LENGTH,
-    MAX_PARAMS_TAGS_PER_BATCH,
-    MAX_TAG_VAL_LENGTH,
-)
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from pipeline import plots
 
@@ -78,6 +73,8 @@ LOSS_METRIC = "train/loss"
 RESOLVED_CONFIG = "config/resolved.yaml"
 MATRIX_TABLE = "tables/accuracy_matrix.json"  # the accuracy matrix as an MLflow table, a row per task trained
 REDACTED = "<redacted>"
+# MLflow's convention for a dataset input's context is the data's role ("training", "testing")
+SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
 # A store that does not answer within this many seconds counts as unreachable: MLflow's own HTTP
 # client retries 7 times with exponential backoff (~4 minutes against a closed port).
 PROBE_TIMEOUT_S = 5
@@ -232,6 +229,24 @@ def _check_artifacts(artifacts: Mapping[str, Path]) -> None:
             raise ValueError(f"artifact {name!r}: {local} does not exist")
 
 
+def split_datasets(task_name: str, splits: Mapping[str, Sequence[Mapping[str, str]]],
+                   source: Mapping[str, Any]) -> list[DatasetInput]:
+    """Each non-empty split of a task as an MLflow dataset input: named after the task, with the split's role as
+    its context, a digest, schema and row count of the records, and `source` (the stream's description of
+    where they were read from) as the tags of a code source: the records are sampled from it by the chain."""
+    import pandas as pd
+    from mlflow.data import from_pandas
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+
+    code_source = CodeDatasetSource({f"procl.source.{key}": str(value) for key, value in _flatten(dict(source)).items()})
+    inputs = []
+    for split, records in splits.items():
+        if records:
+            dataset = from_pandas(pd.DataFrame(list(records)), source=code_source, name=task_name, targets="target")
+            inputs.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS.get(split, split))]))
+    return inputs
+
+
 def _matrix_json(matrix: Sequence[Sequence[float]], task_names: Sequence[str], task_index: int) -> dict[str, Any]:
     rows = [[None if math.isnan(float(v)) else float(v) for v in row] for row in matrix]  # NaN is not JSON
     return {
@@ -364,20 +379,11 @@ class ChainTracker:
 
     def _log_batch(self, run_id: str, *, metrics: Sequence[Metric] = (), params: Mapping[str, str] | None = None,
                    tags: Mapping[str, str] | None = None) -> None:
-        """log_batch within MLflow's per-request limits (1000 metrics, 100 params, 100 tags, 1 MB).
-
-        Params and tags go in separate requests (100 max-length values of each would exceed 1 MB together),
-        and synchronously even when async logging is enabled: a failure must raise here, inside log_task,
-        for re-logging to know what is missing.
-        """
-        param_list = [Param(k, v) for k, v in (params or {}).items()]
-        tag_list = [RunTag(k, v) for k, v in (tags or {}).items()]
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-            self._client.log_batch(run_id, metrics=list(metrics[start : start + MAX_METRICS_PER_BATCH]), synchronous=True)
-        for start in range(0, len(param_list), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(run_id, params=param_list[start : start + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
-        for start in range(0, len(tag_list), MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(run_id, tags=tag_list[start : start + MAX_PARAMS_TAGS_PER_BATCH], synchronous=True)
+        """MLflow's log_batch (it splits the batch within the store's per-request limits), synchronously even
+        when async logging is enabled: a failure must raise here, inside log_task, for re-logging to know what
+        is missing."""
+        self._client.log_batch(run_id, metrics=list(metrics), params=[Param(k, v) for k, v in (params or {}).items()],
+                               tags=[RunTag(k, v) for k, v in (tags or {}).items()], synchronous=True)
 
     def _new_params(self, run_id: str, params: Mapping[str, str]) -> dict[str, str]:
         """The params not yet on the run; raises if one was logged with another value (MLflow forbids changes)."""
@@ -407,7 +413,7 @@ class ChainTracker:
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], config_file: Path | None,
               resume_run_id: str | None = None, parent_run_id: str | None = None,
-              resolved_config: Mapping[str, Any] | None = None) -> str:
+              resolved_config: Mapping[str, Any] | None = None, datasets: Sequence[DatasetInput] = ()) -> str:
         """Start the chain's parent run, or resume run ``resume_run_id`` (a re-submitted chain); returns its id.
 
         ``parent_run_id`` nests the chain run itself under another run (a Tune sweep's run: sweep ->
@@ -419,7 +425,8 @@ class ChainTracker:
         overwriting earlier values on resume. The config file is logged under ``config/`` as written (provenance),
         and ``resolved_config``, the config that runs (``--set`` overrides applied, defaults filled in), as
         ``config/resolved.yaml``. Keys that look like secrets (``looks_secret``) are never logged, and their values
-        are redacted in both config copies.
+        are redacted in both config copies. ``datasets`` (every task's, from ``split_datasets``) are the run's
+        inputs: the Dataset column of the runs list.
         """
         if self.parent_run_id is not None:
             raise RuntimeError(f"this tracker already started run {self.parent_run_id}")
@@ -443,6 +450,8 @@ class ChainTracker:
                 self._log_config(run_id, Path(config_file))
             if resolved_config is not None:
                 self._client.log_dict(run_id, _redacted_mapping(resolved_config), RESOLVED_CONFIG)
+            if datasets:  # the store lists a dataset input once, also when logged again
+                self._client.log_inputs(run_id, datasets=list(datasets))
         return run_id
 
     def _log_config(self, run_id: str, config_file: Path) -> None:
@@ -489,11 +498,13 @@ class ChainTracker:
         task_slot_usage: Sequence[Mapping[str, Sequence[float]]] | None = None,
         artifacts: Mapping[str, Path] | None = None,
         span: tuple[float, float] | None = None,
+        datasets: Sequence[DatasetInput] = (),
     ) -> str:
         """Record task ``task_index`` (0-based): its nested run, and on the chain run its metrics and artifacts.
 
         ``span``, (start, end) in unix seconds, is when the task ran: the nested run's start and end time (and so
-        its duration in the UI); without it the run spans the logging.
+        its duration in the UI); without it the run spans the logging. ``datasets`` (the task's splits, from
+        ``split_datasets``) are the nested run's inputs.
 
         ``matrix`` is the accuracy matrix so far (zero-shot row + one row per trained task, i.e.
         task_index + 2 rows); ``metrics`` are logged on the chain run with step = task_index;
@@ -535,6 +546,8 @@ class ChainTracker:
                 nested = self._open_task_run(parent, task_index, task_name, existing, span)
                 try:
                     self._log_batch(nested, params=new_params)
+                    if datasets:
+                        self._client.log_inputs(nested, datasets=list(datasets))
                     self._log_missing_points(nested, {LOSS_METRIC: list(enumerate(train_losses))}, fresh=existing is None)
 
                     self._log_missing_points(parent, {k: [(task_index, v)] for k, v in parent_metrics.items()}, fresh=False)

@@ -96,7 +96,8 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     for index, record in enumerate(manifest["tasks"]):
         assert list(record["test"]) == ["amazon", "bbc", "yahoo"][: index + 1]
         assert all(0.0 <= score <= 1.0 for score in record["test"].values())
-        assert record["losses"] and all(math.isfinite(x) for x in record["losses"])
+        # a loss per optimizer step (16 examples in batches of 4 on each of 2 workers: 2 steps), averaged over the ranks
+        assert len(record["losses"]) == 2 and all(math.isfinite(x) for x in record["losses"]) and record["train_examples"] == 16
         assert 0 < record["seconds"]["train"] and 0 < record["seconds"]["evaluate"]
         assert record["seconds"]["train"] + record["seconds"]["evaluate"] <= record["seconds"]["task"]
         memory = record["memory"]
@@ -113,8 +114,19 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     # each task run spans its task (the driver's task seconds), not the moment it was logged
     durations = {r.data.tags["task_index"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
     assert durations == {str(i): pytest.approx(record["seconds"]["task"], abs=0.002) for i, record in enumerate(manifest["tasks"])}
+    for child in children:
+        assert child.data.params["train_examples"] == "16" and child.data.params["optimizer_steps"] == "2"
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")] == [0, 1]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    # the runs list's Source and Dataset columns: MLflow's source and git tags, each task's splits as datasets
+    assert parent.data.tags["mlflow.source.name"] == "python -m pipeline" and parent.data.tags["mlflow.user"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert parent.data.tags.get("mlflow.source.git.commit") == (head.stdout.strip() if head.returncode == 0 else None)
+    chain_inputs = {(i.dataset.name, i.tags[0].value): i.dataset for i in parent.inputs.dataset_inputs}
+    assert set(chain_inputs) == {(task, role) for task in ("amazon", "bbc", "yahoo") for role in ("training", "validation", "testing")}
+    assert json.loads(chain_inputs[("bbc", "training")].profile)["num_rows"] == 16
+    assert all({i.dataset.name for i in child.inputs.dataset_inputs} == {child.data.tags["task_name"]} for child in children)
     # every metric name is grouped under a prefix (docs/METRICS.md)
     assert {name.split("/")[0] for name in parent.data.metrics} == {"cl", "test", "validation", "seconds", "memory"}
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "cl/average_accuracy")] == [0, 1, 2]

@@ -21,7 +21,8 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.tracking import LOSS_METRIC, MATRIX_TABLE, RESOLVED_CONFIG, ChainTracker, TrackingError, default_tracking_uri, looks_secret
+from pipeline.tracking import (LOSS_METRIC, MATRIX_TABLE, RESOLVED_CONFIG, ChainTracker, TrackingError, default_tracking_uri,
+                               looks_secret, split_datasets)
 from procl import metrics as cl_metrics
 
 nan = math.nan
@@ -53,6 +54,14 @@ RESOLVED = {"strategy": {"name": "procl", "procl": {"key_dim": 16}}, "training":
             "tracking": {"auth": {"api_key": "SECRET7"}}, "sources": [{"name": "hub", "hf_token": "SECRET8"}]}
 SECRETS = ("SECRET1", "SECRET2", "SECRET3", "SECRET4", "SECRET5", "SECRET6", "SECRET7", "SECRET8")
 PNG = b"\x89PNG\r\n\x1a\n"
+# each task's records (the validation split of yahoo is empty: no dataset for it)
+SPLITS = {name: {"train": [{"text": f"{name} example {n}", "target": "yes"} for n in range(3 + index)],
+                 "validation": [] if name == "yahoo" else [{"text": f"{name} held out", "target": "no"}],
+                 "test": [{"text": f"{name} test {n}", "target": "no"} for n in range(2)]} for index, name in enumerate(NAMES)}
+
+
+def datasets(name: str) -> list:
+    return split_datasets(name, SPLITS[name], {"type": "bundled", "dataset": name})
 
 
 def losses(task: int) -> list[float]:
@@ -81,6 +90,7 @@ def log(tracker: ChainTracker, task: int, adapter: Path, lr: float = 1e-3, artif
         task_names=NAMES,
         task_slot_usage=USAGE[:task] or None,
         artifacts={artifact_path: adapter},
+        datasets=datasets(NAMES[task]),
     )
 
 
@@ -131,7 +141,8 @@ def chain(store, tmp_path_factory):
     config.write_text(CONFIG)
     adapter = adapter_dir(run_dir)
     with ChainTracker(store, "chain", run_dir) as tracker:
-        parent = tracker.start("demo-chain", PARAMS, TAGS, config, resolved_config=RESOLVED)
+        parent = tracker.start("demo-chain", PARAMS, TAGS, config, resolved_config=RESOLVED,
+                               datasets=[entry for name in NAMES for entry in datasets(name)])
         # "checkpoints" gets the task folder appended; "checkpoints/task_2" already names it
         nested = [log(tracker, 0, adapter), log(tracker, 1, adapter), log(tracker, 2, adapter, artifact_path="checkpoints/task_2")]
         (run_dir / "manifest.json").write_text('{"tasks": 3}')
@@ -254,6 +265,7 @@ def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
     assert image_steps(client, parent) == {"accuracy_matrix": [0, 1, 2], "forgetting": [0, 1, 2], "loss_curve": [0, 1, 2],
                                           "slot_usage": [1, 2]}
     assert [row[0] for row in matrix_table(client, parent)["data"]] == ["zero-shot", "after sst2", "after boolq", "after yahoo"]
+    assert len(client.get_run(task_1).inputs.dataset_inputs) == 3  # nor a dataset input
 
     third = ChainTracker(store, "resume", tmp_path)
     with pytest.raises(TrackingError, match="lr"):
@@ -266,6 +278,28 @@ def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
             log(fourth, 0, adapter, lr=1.0)  # a task's param changed
     task_0 = next(r.info.run_id for r in children if r.data.tags["task_index"] == "0")
     assert client.get_run(task_0).info.status == "FINISHED"  # the refused re-log did not reopen it
+
+
+def inputs(client: MlflowClient, run_id: str) -> dict[tuple[str, str], object]:
+    """(dataset name, context) -> the dataset of each of the run's dataset inputs."""
+    entries = client.get_run(run_id).inputs.dataset_inputs
+    assert all(len(entry.tags) == 1 and entry.tags[0].key == "mlflow.data.context" for entry in entries)
+    return {(entry.dataset.name, entry.tags[0].value): entry.dataset for entry in entries}
+
+
+def test_each_task_s_splits_are_datasets_named_by_the_task_with_their_role_as_context(chain):
+    client, tracker, parent, nested, _ = chain
+    splits = {"train": "training", "validation": "validation", "test": "testing"}
+    expected = {(name, splits[split]) for name in NAMES for split in splits if SPLITS[name][split]}
+    chain_inputs = inputs(client, parent)
+    assert set(chain_inputs) == expected  # the chain run lists every task's data; yahoo has no validation records
+    for index, run_id in enumerate(nested):  # a task's run lists its own
+        assert set(inputs(client, run_id)) == {key for key in expected if key[0] == NAMES[index]}
+    train = {name: chain_inputs[(name, "training")] for name in NAMES}
+    assert len({dataset.digest for dataset in train.values()}) == 3  # the digest follows the records
+    assert [json.loads(train[name].profile)["num_rows"] for name in NAMES] == [3, 4, 5]
+    assert json.loads(train["boolq"].source)["tags"] == {"procl.source.type": "bundled", "procl.source.dataset": "boolq"}
+    assert {column["name"] for column in json.loads(train["sst2"].schema)["mlflow_colspec"]} == {"text", "target"}
 
 
 def test_a_task_run_spans_the_task_it_records(store, tmp_path):

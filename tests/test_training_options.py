@@ -1,6 +1,6 @@
 """Training options of large-model fine-tuning, as the worker loop uses them: activation checkpointing
 (LoRA still gets its gradients), transformers' LR schedules stepped by DeepSpeed and resumed mid-task,
-a step budget per task, a bf16 task resumed from its fp32 masters, and FlashAttention-2 refused where it
+a step budget per task, the loss of each optimizer step averaged over its micro-batches and the ranks, a bf16 task resumed from its fp32 masters, and FlashAttention-2 refused where it
 cannot run."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pipeline.chain import steps_per_task
 from pipeline.config import load_config
 from pipeline.models import ModelSpec
 from pipeline.scoring import attach_strategy
-from pipeline.runtime import load_base_model, lr_schedule
+from pipeline.runtime import load_base_model, lr_schedule, train_steps
 
 TINY = ["model.name=tiny-llama", "strategy.lora.r=4", "strategy.procl.num_slots=2"]
 
@@ -108,6 +108,52 @@ def test_a_bf16_task_resumed_mid_way_goes_on_from_the_fp32_masters_of_its_checkp
     seen = json.loads(out.read_text())
     assert seen["built"] != seen["state"]  # the engine builds its masters from the bf16 weights: rounded
     assert seen["restored"] == seen["state"]
+
+
+class _RecordingEngine:
+    """The DeepSpeed engine, with the task loss of each micro-batch this rank ran noted down."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.micro_losses = engine, []
+
+    def __call__(self, **batch):
+        output = self.engine(**batch)
+        self.micro_losses.append(output.loss.item())
+        return output
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+
+def _step_loss_worker(rank: int, port: int, out: str) -> None:
+    """One of 2 DeepSpeed ranks, each with its own data: 3 optimizer steps of 2 micro-batches."""
+    os.environ.update(rank_env(rank, 2, port))
+    deepspeed = init_deepspeed_gloo()
+    from pipeline.runtime import deepspeed_config
+
+    config = load_config(None, TINY + ["training.gradient_accumulation=2", "training.batch_size=2", "deepspeed.zero_stage=2",
+                                       "deepspeed.bf16=false"]).on_device("cpu")
+    torch.manual_seed(0)
+    model, strategy = attach_strategy(config, load_base_model(config, torch.device("cpu"))[0], None)
+    strategy.before_task(model, 0)
+    optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-2))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(config))
+    recording = _RecordingEngine(engine)
+    batches = [{"input_ids": ids, "labels": ids} for ids in (batch(seed=10 * rank + k, size=2) for k in range(6))]
+    progress = {"steps": 0, "losses": []}
+    train_steps(recording, model, strategy, batches, progress, 3, config.training.gradient_accumulation)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"micro": recording.micro_losses, "steps": progress["losses"]}))
+    engine.destroy()
+
+
+def test_the_loss_of_an_optimizer_step_is_averaged_over_its_micro_batches_and_the_ranks(tmp_path):
+    mp.spawn(_step_loss_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["micro"] != ranks[1]["micro"]  # the ranks ran different data
+    expected = [sum(r["micro"][2 * step] + r["micro"][2 * step + 1] for r in ranks) / 4 for step in range(3)]
+    for rank in ranks:
+        assert len(rank["micro"]) == 6
+        assert rank["steps"] == pytest.approx(expected, rel=1e-6)  # one loss per optimizer step, the same on every rank
 
 
 def test_the_default_schedule_keeps_the_configured_lr():

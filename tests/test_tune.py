@@ -125,7 +125,7 @@ def test_an_interrupted_sweep_resumes_logs_every_trial_once_and_writes_a_runnabl
         tasks = sorted(r.data.tags["task_index"] for r in runs if r.data.tags.get("mlflow.parentRunId") == trial.info.run_id)
         # a trial that ran both tasks finished its chain; one ASHA stopped after task 1 ends KILLED
         assert (tasks, trial.info.status) in ((["0", "1"], "FINISHED"), (["0"], "KILLED")), (tasks, trial.info.status)
-    assert "best_objective" in sweep_run.data.metrics
+    assert "sweep/best_objective" in sweep_run.data.metrics and sweep_run.data.metrics["sweep/trials"] == 3
 
     # the best config is the user's config with the best values, runnable as is (whole stream, own name)
     best_file = sweep_dir / "best_config.yaml"
