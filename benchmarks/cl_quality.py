@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
-from cl_table import mean_std  # noqa: E402
 from pipeline_overhead import run_bare  # noqa: E402
 
 from pipeline.chain import select_tasks  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.report import mean_std  # noqa: E402
 from procl import metrics  # noqa: E402
 
 STRATEGIES = ["seq_lora", "inc_lora", "o_lora", "replay", "procl", "multitask"]

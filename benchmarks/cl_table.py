@@ -2,10 +2,11 @@
 
     .venv/bin/python benchmarks/cl_table.py runs/cl_quality
 
-One row per strategy: final average accuracy / BWT of each chain (columns: order x seed), then mean
-+- std over the chains of AA, learning accuracy (each task right after training it), BWT and
-forgetting. Test split; `--split validation` for the validation matrices; `--matrices` prints every
-chain's accuracy matrix instead (docs/CL_MATRICES.md).
+The table is `procl report`'s (pipeline.report.markdown): one row per strategy, a column per order and
+seed with that chain's final average accuracy / BWT, then mean +- std over the chains of AA, learning
+accuracy (each task right after training it), BWT, forgetting and validation AA. `--split validation`
+puts the validation matrices in the test's place; `--matrices` prints every chain's accuracy matrix
+instead (docs/CL_MATRICES.md).
 """
 
 from __future__ import annotations
@@ -13,43 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from procl import metrics  # noqa: E402
+from pipeline.report import ChainScores, markdown  # noqa: E402
 
 LABELS = {"procl": "procl (residual, N 4)", "multitask": "multitask (upper bound)"}
 
 
-def mean_std(values: list[float], signed: bool = False) -> str:
-    """"mean +- std" over the runs (NaN values skipped; "n/a" when none is left)."""
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return "n/a"
-    mean = f"{statistics.mean(values):+.3f}" if signed else f"{statistics.mean(values):.3f}"
-    return mean + (f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else "")
-
-
-def table(records: list[dict], split: str) -> str:
-    key = "matrix" if split == "test" else "validation_matrix"
-    columns = sorted({(r["order"], r["seed"]) for r in records})
-    strategies = list(dict.fromkeys(r["strategy"] for r in records))
-    lines = [
-        "| strategy | " + " | ".join(f"{order} seed {seed}" for order, seed in columns)
-        + " | AA (runs) | LA | BWT | forgetting |",
-        "|---" * (len(columns) + 5) + "|",
-    ]
-    for strategy in strategies:
-        runs = {(r["order"], r["seed"]): metrics.summary(r[key]) for r in records if r["strategy"] == strategy}
-        cells = [f"{runs[c]['average_accuracy']:.3f} / {runs[c]['backward_transfer']:+.3f}" if c in runs else "" for c in columns]
-        values = {m: [s[m] for s in runs.values()] for m in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting")}
-        lines.append(f"| {LABELS.get(strategy, strategy)} | " + " | ".join(cells)
-                     + f" | {mean_std(values['average_accuracy'])} ({len(runs)}) | {mean_std(values['learning_accuracy'])}"
-                     + f" | {mean_std(values['backward_transfer'], signed=True)} | {mean_std(values['forgetting'])} |")
-    return "\n".join(lines)
+def chains(records: list[dict], split: str) -> list[ChainScores]:
+    """The runs.jsonl records as the report's chains (the standard stream)."""
+    first, second = ("matrix", "validation_matrix") if split == "test" else ("validation_matrix", "matrix")
+    return [ChainScores(f"{r['strategy']}-{r['order']}-{r['seed']}", r["strategy"], "standard", r["order"], str(r["seed"]),
+                        r["strategy"], r["tasks"], r[first], r[second]) for r in records]
 
 
 def matrices(records: list[dict], split: str) -> str:
@@ -75,7 +54,7 @@ def main() -> None:
     if not results.exists():
         raise SystemExit(f"error: {results} not found: give the --out folder of a cl_quality run")
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    print(matrices(records, args.split) if args.matrices else table(records, args.split))
+    print(matrices(records, args.split) if args.matrices else markdown(chains(records, args.split), LABELS))
 
 
 if __name__ == "__main__":

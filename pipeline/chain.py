@@ -11,6 +11,7 @@ tasks and continues from the last checkpoint.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pipeline.config import ConfigError, ChainConfig
 from pipeline.manifest import Manifest, TaskRecord
 from pipeline.ray_workers import quiet_ray_logs, verbose, local_worker_env
 from pipeline.run_lock import RunFolderLock
-from pipeline.streams import Task, check_answers_tokenize, load_stream
+from pipeline.streams import Task, check_answers_tokenize, load_stream, stream_order
 from procl import make_strategy, metrics
 from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
 
@@ -235,7 +236,8 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
 
 def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,
                  tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
-    from pipeline.tracking import ChainTracker, default_tracking_uri, split_datasets
+    from pipeline.mlflow_store import default_tracking_uri
+    from pipeline.tracking import ChainTracker, split_datasets
 
     run_dir = config.run_dir()
     manifest = Manifest.open(run_dir, config.fingerprint(), [task.name for task in tasks])
@@ -250,7 +252,8 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
 
     with tracker:
         manifest.mlflow_run_id = tracker.start(
-            config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | (tags or {}), config_file=config_file,
+            config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | _chain_tags(config) | (tags or {}),
+            config_file=config_file,
             resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id, resolved_config=config.model_dump(mode="json"),
             datasets=[entry for task in tasks for entry in datasets[task.name]],
         )
@@ -332,6 +335,8 @@ def _check_writable(run_dir: Path) -> None:
 
 
 def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConfig, datasets: list) -> str:
+    from pipeline.tracking import MATRIX_TABLE, VALIDATION_MATRIX_TABLE
+
     state_dir = Path(record.state_dir)
     rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
     test_matrix = manifest.matrix("test")[:rows]
@@ -344,11 +349,12 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
     task_metrics["cl/validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
     task_metrics |= {f"seconds/{phase}": value for phase, value in record.seconds.items()}
     task_metrics |= {f"memory/{name}": value for name, value in record.memory.items()}
-    meta = json.loads((state_dir / META_FILE).read_text())
+    usage = json.loads((state_dir / META_FILE).read_text()).get("task_slot_usage")
     span = None
     if record.ended_at is not None and "task" in record.seconds:
         span = (record.ended_at - record.seconds["task"], record.ended_at)
-    return tracker.log_task(
+    figures = _task_figures(manifest, record, test_matrix, usage)
+    nested = tracker.log_task(
         record.index,
         record.name,
         span=span,
@@ -357,11 +363,57 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
         | ({} if record.train_examples is None else {"train_examples": record.train_examples}),
         train_losses=record.losses,
         metrics=task_metrics,
-        matrix=test_matrix,
-        task_names=manifest.task_names,
-        task_slot_usage=meta.get("task_slot_usage"),
+        figures=figures,
+        records={"accuracy_matrix.json": _matrix_record(test_matrix, manifest.task_names, record.index)}
+        | ({"slot_usage.json": usage} if usage else {}),
+        tables={MATRIX_TABLE: _matrix_columns(test_matrix, manifest.task_names),
+                VALIDATION_MATRIX_TABLE: _matrix_columns(validation_matrix, manifest.task_names)},
         artifacts={f"checkpoints/task_{record.index}": state_dir, "manifest": config.run_dir() / "manifest.json"},
     )
+    # A matplotlib Figure is a web of reference cycles that holds its rendered pixels in native memory, so only
+    # the cyclic collector frees it; with torch and Ray loaded, full collections are rare and every task's
+    # figures stayed: the driver grew 5-8 MiB per task (benchmarks/chain_memory.py). One full collection per
+    # task (~0.3 s) frees them.
+    figures.clear()
+    gc.collect()
+    return nested
+
+
+def _task_figures(manifest: Manifest, record: TaskRecord, matrix: list[list[float]], usage: list | None) -> dict:
+    """The chain's figures after `record`'s task, by MLflow image key: the accuracy matrix, forgetting, the train
+    loss of every task so far (from the manifest, so also complete after a resume) and ProCL's slot usage."""
+    from pipeline import plots
+
+    losses = {task.name: task.losses for task in manifest.tasks if task.index <= record.index}
+    figures = {"accuracy_matrix": plots.accuracy_matrix_heatmap(matrix, manifest.task_names),
+               "forgetting": plots.forgetting_plot(matrix, manifest.task_names), "loss_curve": plots.loss_curve_plot(losses)}
+    if usage:
+        figures["slot_usage"] = plots.slot_usage_plot(usage, manifest.task_names)
+    return figures
+
+
+def _row_names(matrix: list[list[float]], task_names: list[str]) -> list[str]:
+    return ["zero-shot"] + [f"after {name}" for name in task_names[: len(matrix) - 1]]
+
+
+def _matrix_record(matrix: list[list[float]], task_names: list[str], task_index: int) -> dict:
+    """The accuracy matrix after task `task_index` as its JSON record (NaN, a task not scored yet, as null)."""
+    return {"task_index": task_index, "task_names": task_names, "row_names": _row_names(matrix, task_names),
+            "rows": [[None if math.isnan(v) else v for v in row] for row in matrix]}
+
+
+def _matrix_columns(matrix: list[list[float]], task_names: list[str]) -> dict[str, list]:
+    """The accuracy matrix as table columns: "after" (the row's name), then a column per task."""
+    return {"after": _row_names(matrix, task_names)} | {
+        name: [None if math.isnan(row[j]) else row[j] for row in matrix] for j, name in enumerate(task_names)}
+
+
+def _chain_tags(config: ChainConfig) -> dict[str, str]:
+    """What `procl report` groups chains by: the stream's name and the order's (resolved: None is the first)."""
+    from pipeline.tracking import KIND_TAG, ORDER_TAG, STREAM_TAG
+
+    spec, order = stream_order(config.stream.path, config.stream.order)
+    return {KIND_TAG: "chain", STREAM_TAG: spec.name, ORDER_TAG: order}
 
 
 def _format(scores: dict[str, float]) -> str:

@@ -1,10 +1,11 @@
-"""`procl` / `python -m pipeline`: run, plan, eval and export continual-learning chains.
+"""`procl` / `python -m pipeline`: run, plan, eval, export, tune and compare continual-learning chains.
 
     python -m pipeline run configs/demo.yaml [--set strategy.name=seq_lora ...]
     python -m pipeline plan configs/demo.yaml
     python -m pipeline eval configs/demo.yaml --checkpoint runs/demo/checkpoints/task_3
     python -m pipeline export configs/demo.yaml --checkpoint runs/demo/checkpoints/task_3 --out adapter/
     python -m pipeline tune configs/demo.yaml --space tune_spaces/procl.yaml --trials 8
+    python -m pipeline report runs/ [--by training.lr] [--out report/] [--json]
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name", help="sweep name (default RUN_NAME-SPACE); folder <output_dir>/sweeps/NAME")
     tune.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the cluster's CPUs/GPUs fit)")
     tune.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    report = commands.add_parser("report", help="compare the finished chains of an MLflow store: a table per stream, a figure")
+    report.add_argument("target", help="an output_dir (its chains share <dir>/mlflow.db) or an MLflow tracking URI")
+    report.add_argument("--experiment", default="procl", help="MLflow experiment (default procl)")
+    report.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.`training.lr` = '0.001'\"")
+    report.add_argument("--by", action="append", default=[], metavar="PARAM",
+                        help="also split rows by this config param, e.g. --by training.lr (repeatable)")
+    report.add_argument("--out", type=Path, help="write report.md and comparison.png into this folder")
+    report.add_argument("--json", action="store_true", help="print every chain's matrices and summaries as JSON instead")
+    report.add_argument("--debug", action="store_true", help="print the full traceback of an error")
+    report.set_defaults(verbose=False)
     return parser
 
 
@@ -154,6 +165,9 @@ def _end_ray() -> None:
 
 
 def _command(args: argparse.Namespace) -> None:
+    if args.command == "report":
+        _report(args)
+        return
     config = load_config(args.config, args.overrides)
     if args.command == "plan":
         summary = plan(config)
@@ -193,6 +207,19 @@ def _command(args: argparse.Namespace) -> None:
 
         model, _, strategy = load_trained(config.on_device("cpu"), read_state(args.checkpoint))
         console.print(f"adapter written to {strategy.export(model, args.out)}")
+
+def _report(args: argparse.Namespace) -> None:
+    from pipeline.report import as_json, markdown, read_chains, tracking_uri_of, write_report
+
+    uri = tracking_uri_of(args.target)
+    chains = read_chains(uri, args.experiment, args.filter, args.by)
+    if not chains:
+        raise ValueError(f"{args.target}: no finished chain in experiment {args.experiment!r}" + (f" matching {args.filter!r}" if args.filter else ""))
+    print(json.dumps(as_json(chains)) if args.json else markdown(chains))
+    if args.out is not None:
+        for path in write_report(chains, args.out):
+            print(f"wrote {path}", file=sys.stderr)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,15 +1,14 @@
-"""PNG figures of a continual-learning chain: accuracy matrix, forgetting, ProCL slot usage, train loss.
+"""Figures of a continual-learning chain: accuracy matrix, forgetting, ProCL slot usage, train loss.
 
 Every function draws on its own `Figure` with the Agg canvas instead of going through pyplot: no global
 figure registry to leak or close, no backend switch for the importing process, and safe to call from
-the tracking code in any thread. Each writes one PNG (creating its folder) and returns its path.
+any thread. Each returns the figure; the tracker logs it as an MLflow image (`fig.savefig` writes a file).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -23,21 +22,14 @@ _DPI = 110
 
 
 def _figure(width: float, height: float, ncols: int = 1) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, list(axes)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=_DPI, format="png")
-    return path
-
-
 def _note(ax, text: str) -> None:
-    """An empty panel that says why it is empty (a figure is still written, so artifacts are uniform)."""
+    """An empty panel that says why it is empty (a figure is still drawn, so every task's images are alike)."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
     ax.set_xticks([])
     ax.set_yticks([])
@@ -68,7 +60,7 @@ def _cell_fontsize(cells_across: int) -> float:
     return max(5.0, min(10.0, 90.0 / max(cells_across, 1)))
 
 
-def accuracy_matrix_heatmap(matrix: Sequence[Sequence[float]], task_names: Sequence[str], path: str | Path) -> Path:
+def accuracy_matrix_heatmap(matrix: Sequence[Sequence[float]], task_names: Sequence[str]) -> Figure:
     """Rows "zero-shot", "after <task>", ...; one column per task; annotated, NaN cells blank.
 
     `matrix` is the accuracy matrix so far (procl.metrics conventions: zero-shot row first, possibly fewer
@@ -93,10 +85,10 @@ def accuracy_matrix_heatmap(matrix: Sequence[Sequence[float]], task_names: Seque
     ax.set_xlabel("evaluated on")
     ax.set_title("Accuracy matrix\n(red outline: the task just trained)", fontsize=10)
     fig.colorbar(image, ax=ax, label="score")
-    return _save(fig, path)
+    return fig
 
 
-def forgetting_plot(matrix: Sequence[Sequence[float]], task_names: Sequence[str], path: str | Path) -> Path:
+def forgetting_plot(matrix: Sequence[Sequence[float]], task_names: Sequence[str]) -> Figure:
     """Left: forgetting so far of each earlier task (bars); right: average accuracy after each task (line).
 
     Two panels rather than a twin axis: the bars are indexed by earlier task and the line by training
@@ -134,7 +126,7 @@ def forgetting_plot(matrix: Sequence[Sequence[float]], task_names: Sequence[str]
         line_ax.set_ylabel("average accuracy")
         line_ax.margins(x=0.15, y=0.2)
     line_ax.set_title("Average accuracy over the tasks seen\nafter each task", fontsize=10)
-    return _save(fig, path)
+    return fig
 
 
 def _mean_usage_over_layers(usage: Mapping[str, Sequence[float]]) -> np.ndarray:
@@ -150,8 +142,8 @@ def _mean_usage_over_layers(usage: Mapping[str, Sequence[float]]) -> np.ndarray:
 
 
 def slot_usage_plot(
-    task_slot_usage: Sequence[Mapping[str, Sequence[float]]], task_names: Sequence[str], path: str | Path
-) -> Path:
+    task_slot_usage: Sequence[Mapping[str, Sequence[float]]], task_names: Sequence[str]
+) -> Figure:
     """Heatmap ProCL task x slot of the per-slot usage averaged over layers.
 
     `task_slot_usage[k]` is ProCL's record for its (k+1)-th program-memory task, i.e. chain task k + 2
@@ -171,7 +163,7 @@ def slot_usage_plot(
     if width == 0:
         _note(ax, "no slot usage recorded (no program-memory task yet)")
         ax.set_title("ProCL slot usage")
-        return _save(fig, path)
+        return fig
     usage = np.full((len(rows), width), np.nan)
     for i, row in enumerate(rows):
         usage[i, : len(row)] = row
@@ -185,7 +177,7 @@ def slot_usage_plot(
     # 0 = the slot was left as the previous task had it (see docs/METHOD.md)
     ax.set_title("ProCL slot use per task: plasticity rho, mean over layers")
     fig.colorbar(image, ax=ax, label="rho (1 = written, 0 = kept)")
-    return _save(fig, path)
+    return fig
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -195,7 +187,7 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
-def loss_curve_plot(losses_by_task: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+def loss_curve_plot(losses_by_task: Mapping[str, Sequence[float]]) -> Figure:
     """Train loss of each task in chain order on one optimizer-step axis (raw, faint; moving average, bold).
 
     Tasks follow one another on the x axis (each starts where the previous ended) with dashed boundaries,
@@ -223,4 +215,32 @@ def loss_curve_plot(losses_by_task: Mapping[str, Sequence[float]], path: str | P
         ax.set_ylabel("train loss")
         ax.legend(fontsize=8, ncols=min(4, len(losses_by_task)))
     ax.set_title("Train loss")
-    return _save(fig, path)
+    return fig
+
+
+def chain_comparison_plot(matrices: Mapping[str, Sequence[Sequence[float]]]) -> Figure:
+    """One line per chain (`matrices`: label -> its accuracy matrix): left, the average accuracy over the tasks
+    seen after each task; right, the accuracy on the chain's first task after each task (what it keeps)."""
+    fig, (aa_ax, first_ax) = _figure(11.0, 4.2, ncols=2)
+    longest = 0
+    for colour, (label, matrix) in zip((f"C{i % 10}" for i in range(len(matrices))), matrices.items()):
+        r = metrics.as_matrix(matrix)
+        trained = r.shape[0] - 1
+        if trained < 1:
+            continue
+        longest = max(longest, trained)
+        steps = np.arange(1, trained + 1)
+        aa_ax.plot(steps, [metrics.average_accuracy(r[: k + 1]) for k in steps], marker="o", color=colour, label=label)
+        first_ax.plot(steps, r[1:, 0], marker="o", color=colour, label=label)
+    for ax, title in ((aa_ax, "Average accuracy over the tasks seen"), (first_ax, "Accuracy on the first task")):
+        if longest == 0:
+            _note(ax, "no trained task")
+            continue
+        ax.set_xticks(range(1, longest + 1))
+        ax.set_xlabel("after task")
+        ax.set_title(title, fontsize=10)
+        ax.margins(y=0.15)
+    if longest:
+        aa_ax.set_ylabel("score")
+        first_ax.legend(fontsize=7, loc="best")
+    return fig

@@ -316,13 +316,19 @@ def _carve(pool: list[dict], count: int, rng: random.Random) -> tuple[list[dict]
     return taken, [r for r in pool if id(r) not in taken_ids]
 
 
-def load_stream(path: str | Path, order: str | None = None) -> list[Task]:
-    """The tasks of `order` (the first order when None), in that order."""
-    path = Path(path)
+def stream_order(path: str | Path, order: str | None = None) -> tuple[StreamSpec, str]:
+    """The stream of `path` and the name of its order `order` (its first order when None)."""
     spec = parse_stream(path)
     order = order or next(iter(spec.orders))
     if order not in spec.orders:
         raise StreamError(f"{path}: unknown order {order!r}; the stream defines {sorted(spec.orders)}")
+    return spec, order
+
+
+def load_stream(path: str | Path, order: str | None = None) -> list[Task]:
+    """The tasks of `order` (the first order when None), in that order."""
+    path = Path(path)
+    spec, order = stream_order(path, order)
     by_name = {task.name: task for task in spec.tasks}
     return [build_task(by_name[name], spec.seed, path.parent) for name in spec.orders[order]]
 

@@ -1,18 +1,18 @@
 """MLflow tracking of a continual-learning chain: one parent run per chain, one nested run per task.
 
-Layout of what a chain records (task indices are 0-based, as the chain counts them):
+The logger takes what it logs ready-made (figures drawn by `pipeline.plots`, JSON records, table columns,
+dataset inputs from `split_datasets`); the store's checks are `pipeline.mlflow_store`'s and the redaction of
+secrets `pipeline.redaction`'s. What a chain records (task indices 0-based, as the chain counts them):
 
 - parent run: the chain's params and tags, the config file under ``config/`` and the resolved config as
-  ``config/resolved.yaml``; after each task, the caller's per-task metrics with step = task index; the
-  figures as MLflow images with step = task index (keys ``accuracy_matrix``, ``forgetting``, ``loss_curve``
-  (all tasks so far), ``slot_usage`` when given: the UI shows each key's history); the accuracy matrix as
-  the table ``tables/accuracy_matrix.json``, a row per trained task; the records under ``tasks/task_<i>/``
-  (``accuracy_matrix.json``, ``slot_usage.json`` when given); and each caller artifact ``artifact path ->
-  local path`` under a task-specific path: ``checkpoints/task_<i>`` as given, or ``checkpoints`` ->
-  ``checkpoints/task_<i>``. ``log_artifacts`` adds chain-level artifacts (final adapter, manifest).
+  ``config/resolved.yaml``, every task's datasets; after each task, with step = task index, the caller's
+  metrics and figures (MLflow images: the UI shows each key's history with a step slider), its records under
+  ``tasks/task_<i>/``, the rows its tables gained, and each caller artifact ``artifact path -> local path``
+  under a task-specific path (``checkpoints/task_<i>`` as given, or ``checkpoints`` -> ``checkpoints/task_<i>``).
+  ``log_artifacts`` adds chain-level artifacts (final adapter, manifest).
 - nested run per task (tags ``task_index``, ``task_name``, ``mlflow.parentRunId``), starting and ending
-  when the task did: the task's params and its train loss as the metric ``train/loss`` with step =
-  optimizer step within the task.
+  when the task did: the task's params and datasets, and its train loss as the metric ``train/loss`` with
+  step = optimizer step within the task.
 
 Everything goes through ``MlflowClient`` with explicit run ids rather than the fluent
 ``mlflow.start_run`` stack: the active-run stack is process-global, and the chain's driver shares its
@@ -20,127 +20,49 @@ process with Ray and possibly other MLflow users (Ray Tune callbacks), so explic
 parent/child pairing exact. The nested-run convention (the ``mlflow.parentRunId`` tag) is MLflow's own.
 
 ``log_task`` is idempotent: it reuses the task's nested run if one exists, logs only metric points
-and params not already recorded, images and table rows it does not hold yet, and writes artifacts to
-task-specific paths (overwriting). A chain
-that lost MLflow mid-run can therefore re-log every task from its local records with a new tracker
-started with ``resume_run_id``.
+and params not already recorded, images and table rows it does not hold yet, and writes records and
+artifacts to task-specific paths (overwriting). A chain that lost MLflow mid-run can therefore re-log
+every task from its local records with a new tracker started with ``resume_run_id``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import json
 import logging
 import math
-import os
-import re
-import sqlite3
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
+from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag, ViewType
-from mlflow.exceptions import MlflowException
-from mlflow.utils.credentials import get_default_host_creds
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
-from mlflow.utils.rest_utils import http_request
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from pipeline import plots
+from pipeline.mlflow_store import StoreUnusable, TrackingError, check_store, open_experiment, store_errors
+from pipeline.redaction import error_line, flatten_public, redact_uri, redacted_mapping, redacted_text
 
 log = logging.getLogger(__name__)
-
-
-def _drop_sqlalchemy_tracebacks(record: logging.LogRecord) -> bool:
-    """MLflow's sqlite store logs a full traceback for every database error before raising it; the
-    tracker reports each one in a line of its own (TrackingError, or a warning while a run fails)."""
-    return not record.getMessage().startswith("SQLAlchemy database error")
-
-
-logging.getLogger("mlflow.store.db.utils").addFilter(_drop_sqlalchemy_tracebacks)
 
 TASK_INDEX_TAG = "task_index"
 TASK_NAME_TAG = "task_name"
 LAST_TASK_TAG = "last_task_index"  # highest task index logged on the parent: a resumed chain can read it
 LOSS_METRIC = "train/loss"
+KIND_TAG = "procl.kind"  # "chain" or "sweep"
+STREAM_TAG, ORDER_TAG = "procl.stream", "procl.order"  # a chain's stream and order, by name
 RESOLVED_CONFIG = "config/resolved.yaml"
 MATRIX_TABLE = "tables/accuracy_matrix.json"  # the accuracy matrix as an MLflow table, a row per task trained
-REDACTED = "<redacted>"
+VALIDATION_MATRIX_TABLE = "tables/validation_accuracy_matrix.json"  # the same on the validation splits
 # MLflow's convention for a dataset input's context is the data's role ("training", "testing")
 SPLIT_CONTEXTS = {"train": "training", "validation": "validation", "test": "testing"}
-# A store that does not answer within this many seconds counts as unreachable: MLflow's own HTTP
-# client retries 7 times with exponential backoff (~4 minutes against a closed port).
-PROBE_TIMEOUT_S = 5
 _TRUNCATED = "...[truncated]"
 _END_STATUSES = ("FINISHED", "FAILED", "KILLED")
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used, or a resumed run disagrees with what is being logged."""
-
-
-class StoreUnusable(TrackingError, ValueError):
-    """The store fails its checks before the chain starts: a setting to fix (the CLI's exit status 2)."""
-
-
-def default_tracking_uri(run_dir: Path) -> str:
-    """``sqlite:////<abs run_dir>/mlflow.db``: MLflow 3's recommended local store (the file store is refused)."""
-    return f"sqlite:///{(Path(run_dir).expanduser().resolve() / 'mlflow.db').as_posix()}"
-
-
-# ----------------------------------------------------------------------------- secrets and values
-
-_SECRET_PARTS = ("password", "passwd", "secret", "credential")
-_SECRET_LAST_WORDS = {"token", "key", "apikey", "accesskey", "privatekey", "accesstoken", "authtoken"}
-
-
-def _words(segment: str) -> list[str]:
-    """``MLFLOW_TRACKING_TOKEN`` -> [mlflow, tracking, token]; ``apiKey`` -> [api, key]."""
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", segment)
-    return [w.lower() for w in re.split(r"[^A-Za-z0-9]+", spaced) if w]
-
-
-def looks_secret(key: str) -> bool:
-    """Whether a param/tag/metric/config key names a secret.
-
-    A dotted segment is secret when one of its words contains password/passwd/secret/credential, or
-    when its last word is "token" or "key" (also apikey, accesskey, privatekey, accesstoken, authtoken):
-    ``hf_token``, ``MLFLOW_TRACKING_TOKEN``, ``api_key``, ``apiKey``, ``AWS_SECRET_ACCESS_KEY``. Whole
-    words rather than substrings keep hyperparameters such as ``procl.key_dim``, ``max_new_tokens``,
-    ``pad_token_id`` and ``tokenizer`` (and a task called "turkey").
-    """
-    for segment in str(key).split("."):
-        words = _words(segment)
-        if any(part in word for word in words for part in _SECRET_PARTS):
-            return True
-        if words and words[-1] in _SECRET_LAST_WORDS:
-            return True
-    return False
-
-
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as dotted keys (lists of dicts by index: ``sources.0.name``); a secret-looking key
-    drops its whole subtree. Lists holding dicts are flattened too, or str() would leak their secrets."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if looks_secret(name):
-            log.info("not logging %r to MLflow: its name looks like a secret", name)
-            continue
-        if isinstance(value, (list, tuple)) and any(isinstance(item, Mapping) for item in value):
-            value = {str(index): item for index, item in enumerate(value)}
-        if isinstance(value, Mapping) and value:
-            flat |= _flatten(value, name)
-        else:
-            flat[name] = value
-    return flat
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -150,11 +72,11 @@ def _truncate(text: str, limit: int) -> str:
 def _clean_params(params: Mapping[str, Any]) -> dict[str, str]:
     # str() as mlflow.log_param does, so values logged by other MLflow code compare equal on resume;
     # truncation is deterministic, so a resumed chain's truncated value matches the stored one.
-    return {key: _truncate(str(value), MAX_PARAM_VAL_LENGTH) for key, value in _flatten(params).items()}
+    return {key: _truncate(str(value), MAX_PARAM_VAL_LENGTH) for key, value in flatten_public(params).items()}
 
 
 def _clean_tags(tags: Mapping[str, Any]) -> dict[str, str]:
-    return {key: _truncate(str(value), MAX_TAG_VAL_LENGTH) for key, value in _flatten(tags).items()}
+    return {key: _truncate(str(value), MAX_TAG_VAL_LENGTH) for key, value in flatten_public(tags).items()}
 
 
 def _metric_value(value: float) -> float:
@@ -170,55 +92,10 @@ def _point(step: int, value: float) -> tuple[int, float | str]:
     return step, "nan" if math.isnan(value) else value
 
 
-def _redact_uri(uri: str) -> str:
-    """The URI without user:password@ (error messages name the store, never its credentials)."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _cause(exc: BaseException) -> str:
-    """First line of the error, without any user:password@ that MLflow's own messages repeat (and without
-    SQLAlchemy's autoflush note, which comes before the database's own error, e.g. "disk is full")."""
-    lines = [line for line in str(exc).splitlines() if line.strip() and not line.startswith("(raised as a result of")]
-    first = re.sub(r"//[^/@\s]+@", "//***@", lines[0][:300]) if lines else ""
-    return f"{type(exc).__name__}: {first}"
-
-
-_ASSIGNMENT = re.compile(r"""^(?P<lead>\s*(?:-\s*)?["']?)(?P<key>[A-Za-z0-9_.\-]+)(?P<sep>["']?\s*[:=]\s*)(?P<value>.*?)\s*$""")
-
-
-def _redacted_text(text: str) -> str | None:
-    """The config text with secret-looking ``key: value`` / ``key = value`` / ``"key": value`` values
-    replaced, or None when nothing needed redacting."""
-    changed = False
-    lines = []
-    for line in text.splitlines(keepends=True):
-        body = line.rstrip("\r\n")
-        match = _ASSIGNMENT.match(body)
-        if match and looks_secret(match["key"]) and match["value"] not in ("", "{", "["):
-            comma = "," if match["value"].endswith(",") else ""
-            line = f'{match["lead"]}{match["key"]}{match["sep"]}"{REDACTED}"{comma}{line[len(body):]}'
-            changed = True
-        lines.append(line)
-    return "".join(lines) if changed else None
-
-
-def _redacted_mapping(values: Mapping[str, Any]) -> dict[str, Any]:
-    """`values` with the value of every secret-looking key (``looks_secret``), at any depth, replaced."""
-    def redact(value: Any, key: str) -> Any:
-        if looks_secret(key):
-            return REDACTED
-        if isinstance(value, Mapping):
-            return {k: redact(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [redact(item, key) if isinstance(item, (Mapping, list, tuple)) else item for item in value]
-        return value
-
-    return redact(dict(values), "")
+def _pixels(figure: Figure) -> np.ndarray:
+    """The figure drawn by its Agg canvas, as RGB pixels (MLflow's log_image takes them; no file in between)."""
+    figure.canvas.draw()
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
 def _check_artifacts(artifacts: Mapping[str, Path]) -> None:
@@ -238,23 +115,13 @@ def split_datasets(task_name: str, splits: Mapping[str, Sequence[Mapping[str, st
     from mlflow.data import from_pandas
     from mlflow.data.code_dataset_source import CodeDatasetSource
 
-    code_source = CodeDatasetSource({f"procl.source.{key}": str(value) for key, value in _flatten(dict(source)).items()})
+    code_source = CodeDatasetSource({f"procl.source.{key}": str(value) for key, value in flatten_public(dict(source)).items()})
     inputs = []
     for split, records in splits.items():
         if records:
             dataset = from_pandas(pd.DataFrame(list(records)), source=code_source, name=task_name, targets="target")
             inputs.append(DatasetInput(Dataset(**dataset.to_dict()), [InputTag(MLFLOW_DATASET_CONTEXT, SPLIT_CONTEXTS.get(split, split))]))
     return inputs
-
-
-def _matrix_json(matrix: Sequence[Sequence[float]], task_names: Sequence[str], task_index: int) -> dict[str, Any]:
-    rows = [[None if math.isnan(float(v)) else float(v) for v in row] for row in matrix]  # NaN is not JSON
-    return {
-        "task_index": task_index,
-        "task_names": list(task_names),
-        "row_names": ["zero-shot"] + [f"after {name}" for name in task_names[: len(rows) - 1]],
-        "rows": rows,
-    }
 
 
 # ----------------------------------------------------------------------------- the tracker
@@ -275,98 +142,18 @@ class ChainTracker:
     def __init__(self, tracking_uri: str, experiment: str, run_dir: Path) -> None:
         self.tracking_uri = tracking_uri
         self.run_dir = Path(run_dir).expanduser().resolve()
-        self._safe_uri = _redact_uri(tracking_uri)
+        self._safe_uri = redact_uri(tracking_uri)
         self.parent_run_id: str | None = None
         self._open_nested: str | None = None
         self._finished = False
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnusable(f"cannot create the run folder {self.run_dir} for MLflow at {self._safe_uri}: {_cause(exc)}") from exc
-        self._preflight()
-        with self._store_errors("opening the store and its experiment"):
+            raise StoreUnusable(f"cannot create the run folder {self.run_dir} for MLflow at {self._safe_uri}: {error_line(exc)}") from exc
+        check_store(tracking_uri)
+        with store_errors(self._safe_uri, "opening the store and its experiment"):
             self._client = MlflowClient(tracking_uri)
-            self.experiment_id = self._experiment(experiment)
-
-    # --------------------------------------------------------------- checks
-
-    def _preflight(self) -> None:
-        """Scheme-specific checks MLflow would not fail fast (or at all) on."""
-        scheme = urlsplit(self.tracking_uri).scheme
-        if scheme == "sqlite" and self.tracking_uri.startswith("sqlite:///"):
-            path = self.tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]
-            if path in ("", ":memory:"):
-                return
-            db = Path(path)
-            # MLflow 3 creates a missing folder for the db silently, so a mistyped path would start a
-            # fresh, empty store somewhere else (anywhere at all when running as root).
-            if not db.parent.is_dir():
-                raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: its folder {db.parent} does not exist")
-            # sqlite writes its journal next to the db, so the folder itself must be writable
-            if not os.access(db.parent, os.W_OK | os.X_OK) or (db.exists() and not os.access(db, os.R_OK | os.W_OK)):
-                raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: {db} or its folder is not writable")
-            if db.exists():
-                self._probe_sqlite(db)
-        elif scheme in ("http", "https"):
-            try:
-                # MLflow's own HTTP client (its auth, TLS and proxy settings) without its retries
-                http_request(get_default_host_creds(self.tracking_uri), "/health", "GET", max_retries=0, timeout=PROBE_TIMEOUT_S)
-            except Exception as exc:
-                raise StoreUnusable(
-                    f"MLflow tracking server {self._safe_uri} is not reachable within {PROBE_TIMEOUT_S} s: {_cause(exc)}"
-                ) from exc
-
-    def _probe_sqlite(self, db: Path) -> None:
-        """Take and drop the write lock: a corrupt, read-only or write-locked db fails within PROBE_TIMEOUT_S
-        (MLflow's own sessions wait 20 s on a lock, and log a traceback doing it)."""
-        try:
-            with contextlib.closing(sqlite3.connect(db, timeout=PROBE_TIMEOUT_S, isolation_level=None)) as connection:
-                connection.execute("BEGIN IMMEDIATE")
-                connection.execute("SELECT count(*) FROM sqlite_master")
-                connection.execute("ROLLBACK")
-        except sqlite3.Error as exc:
-            raise StoreUnusable(f"MLflow store {self._safe_uri} is not usable: {_cause(exc)}") from exc
-
-    def _artifact_location(self) -> str | None:
-        # A server chooses (and may proxy) artifact storage itself; local stores keep artifacts in the run
-        # folder, not in ./mlruns of whatever the working directory happens to be.
-        if urlsplit(self.tracking_uri).scheme in ("http", "https", "databricks"):
-            return None
-        folder = self.run_dir / "mlartifacts"
-        folder.mkdir(exist_ok=True)
-        return folder.as_uri()
-
-    def _experiment(self, name: str) -> str:
-        experiment = self._client.get_experiment_by_name(name)
-        if experiment is None:
-            try:
-                experiment_id = self._client.create_experiment(name, artifact_location=self._artifact_location())
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another chain created it meanwhile
-                    raise
-                experiment = self._client.get_experiment_by_name(name)
-            else:
-                experiment = self._client.get_experiment(experiment_id)
-        if experiment.lifecycle_stage != "active":
-            raise TrackingError(
-                f"MLflow experiment {name!r} at {self._safe_uri} is deleted; restore it (mlflow experiments restore) or use another name"
-            )
-        location = experiment.artifact_location
-        if location.startswith("file:") and not location.startswith(self.run_dir.as_uri()):
-            log.warning("experiment %r keeps its artifacts in %s, outside this chain's run folder %s", name, location, self.run_dir)
-        # A write now: a read-only or locked store must fail here, not after the first task trained.
-        self._client.set_experiment_tag(experiment.experiment_id, "procl.last_tracker_start", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        return experiment.experiment_id
-
-    @contextlib.contextmanager
-    def _store_errors(self, what: str) -> Iterator[None]:
-        """Any failure of the store surfaces as one TrackingError that names the store and the step."""
-        try:
-            yield
-        except TrackingError:
-            raise
-        except Exception as exc:
-            raise TrackingError(f"MLflow at {self._safe_uri} failed while {what}: {_cause(exc)}") from exc
+            self.experiment_id = open_experiment(self._client, experiment, self.run_dir)
 
     def _require_parent(self) -> str:
         if self.parent_run_id is None:
@@ -431,7 +218,7 @@ class ChainTracker:
         if self.parent_run_id is not None:
             raise RuntimeError(f"this tracker already started run {self.parent_run_id}")
         clean_params, clean_tags = _clean_params(params), _clean_tags(tags)
-        with self._store_errors("resuming the chain run" if resume_run_id else "starting the chain run"):
+        with store_errors(self._safe_uri, "resuming the chain run" if resume_run_id else "starting the chain run"):
             if resume_run_id:
                 run = self._client.get_run(resume_run_id)
                 if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
@@ -449,14 +236,14 @@ class ChainTracker:
             if config_file is not None:
                 self._log_config(run_id, Path(config_file))
             if resolved_config is not None:
-                self._client.log_dict(run_id, _redacted_mapping(resolved_config), RESOLVED_CONFIG)
+                self._client.log_dict(run_id, redacted_mapping(resolved_config), RESOLVED_CONFIG)
             if datasets:  # the store lists a dataset input once, also when logged again
                 self._client.log_inputs(run_id, datasets=list(datasets))
         return run_id
 
     def _log_config(self, run_id: str, config_file: Path) -> None:
         try:
-            redacted = _redacted_text(config_file.read_text(encoding="utf-8"))
+            redacted = redacted_text(config_file.read_text(encoding="utf-8"))
         except UnicodeDecodeError:
             redacted = None  # not a text config: nothing we can redact line by line
         if redacted is None:
@@ -493,111 +280,85 @@ class ChainTracker:
         params: Mapping[str, Any],
         train_losses: Sequence[float],
         metrics: Mapping[str, float],
-        matrix: Sequence[Sequence[float]],
-        task_names: Sequence[str],
-        task_slot_usage: Sequence[Mapping[str, Sequence[float]]] | None = None,
+        figures: Mapping[str, Figure] | None = None,
+        records: Mapping[str, Any] | None = None,
+        tables: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
         artifacts: Mapping[str, Path] | None = None,
         span: tuple[float, float] | None = None,
         datasets: Sequence[DatasetInput] = (),
     ) -> str:
         """Record task ``task_index`` (0-based): its nested run, and on the chain run its metrics and artifacts.
 
-        ``span``, (start, end) in unix seconds, is when the task ran: the nested run's start and end time (and so
-        its duration in the UI); without it the run spans the logging. ``datasets`` (the task's splits, from
-        ``split_datasets``) are the nested run's inputs.
+        On the nested run: ``params``, ``train_losses[s]`` as ``train/loss`` at step s, ``datasets`` (the task's
+        splits, from ``split_datasets``) as its inputs, and ``span``, (start, end) in unix seconds, as its start and
+        end time (its duration in the UI; without it the run spans the logging).
 
-        ``matrix`` is the accuracy matrix so far (zero-shot row + one row per trained task, i.e.
-        task_index + 2 rows); ``metrics`` are logged on the chain run with step = task_index;
-        ``train_losses[s]`` is logged as ``train/loss`` at step s on the nested run; each
-        ``artifacts[path]`` (a local file or folder) goes to artifact path ``path`` on the chain run, with
-        ``/task_<task_index>`` appended unless ``path`` already ends in it (artifacts stay per task).
-        Idempotent: calling it again for the same task (after a resume or an outage) reuses the task's
-        nested run, adds only what is missing, and overwrites the task's artifacts. Returns the nested run id.
+        On the chain run, with step = task_index: ``metrics``; each of ``figures`` as the image of its key;
+        each of ``records`` (JSON-able) as ``tasks/task_<i>/<name>``; each of ``tables`` (artifact file ->
+        columns, every row so far) as an MLflow table, appending the rows it does not hold yet; each
+        ``artifacts[path]`` (a local file or folder) at artifact path ``path``, with ``/task_<task_index>``
+        appended unless ``path`` already ends in it.
+
+        Idempotent: calling it again for the same task (after a resume or an outage) reuses the task's nested
+        run, adds only what is missing, and overwrites the task's artifacts. Returns the nested run id.
         """
         parent = self._require_parent()
-        if len(matrix) != task_index + 2:
-            raise ValueError(f"after task {task_index} the accuracy matrix needs {task_index + 2} rows (zero-shot + trained), got {len(matrix)}")
-        if task_index >= len(task_names) or task_names[task_index] != task_name:
-            raise ValueError(f"task {task_index} is {task_name!r} but task_names says {list(task_names)}")
         artifacts = {Path(name).as_posix(): Path(local) for name, local in (artifacts or {}).items()}
         _check_artifacts(artifacts)
         task_dir = f"task_{task_index}"
         artifact_paths = {name: name if Path(name).name == task_dir else f"{name}/{task_dir}" for name in artifacts}
         task_params = _clean_params(params)
-        parent_metrics = {k: float(v) for k, v in _flatten(dict(metrics)).items()}
+        parent_metrics = {k: float(v) for k, v in flatten_public(dict(metrics)).items()}
+        # rendered before the first MLflow call: a figure that fails to draw cannot leave a half-logged task
+        images = {key: _pixels(figure) for key, figure in (figures or {}).items()}
 
-        with tempfile.TemporaryDirectory(prefix="procl-task-") as tmp:
-            # Everything is rendered before the first MLflow call: a bad input cannot leave a half-logged task.
-            snapshot, figures = Path(tmp) / "snapshot", Path(tmp) / "figures"
-            snapshot.mkdir()
-            figures.mkdir()
-            (snapshot / "accuracy_matrix.json").write_text(json.dumps(_matrix_json(matrix, task_names, task_index), indent=1))
-            plots.accuracy_matrix_heatmap(matrix, task_names, figures / "accuracy_matrix.png")
-            plots.forgetting_plot(matrix, task_names, figures / "forgetting.png")
-            if task_slot_usage:
-                (snapshot / "slot_usage.json").write_text(json.dumps([dict(u) for u in task_slot_usage], indent=1))
-                plots.slot_usage_plot(task_slot_usage, task_names, figures / "slot_usage.png")
+        with store_errors(self._safe_uri, f"logging task {task_index} ({task_name})"):
+            existing = self._nested_runs(parent).get(task_index)
+            # a changed param is refused before the task's finished run is reopened
+            new_params = task_params if existing is None else self._new_params(existing.info.run_id, task_params)
+            nested = self._open_task_run(parent, task_index, task_name, existing, span)
+            try:
+                self._log_batch(nested, params=new_params)
+                if datasets:  # the store lists a dataset input once, also when logged again
+                    self._client.log_inputs(nested, datasets=list(datasets))
+                self._log_missing_points(nested, {LOSS_METRIC: list(enumerate(train_losses))}, fresh=existing is None)
 
-            with self._store_errors(f"logging task {task_index} ({task_name})"):
-                nested_runs = self._nested_runs(parent)
-                existing = nested_runs.get(task_index)
-                # a changed param is refused before the task's finished run is reopened
-                new_params = task_params if existing is None else self._new_params(existing.info.run_id, task_params)
-                nested = self._open_task_run(parent, task_index, task_name, existing, span)
-                try:
-                    self._log_batch(nested, params=new_params)
-                    if datasets:
-                        self._client.log_inputs(nested, datasets=list(datasets))
-                    self._log_missing_points(nested, {LOSS_METRIC: list(enumerate(train_losses))}, fresh=existing is None)
-
-                    self._log_missing_points(parent, {k: [(task_index, v)] for k, v in parent_metrics.items()}, fresh=False)
-                    self._log_artifacts(parent, snapshot, f"tasks/task_{task_index}")
-                    for name, local in artifacts.items():
-                        self._log_artifacts(parent, Path(local), artifact_paths[name])
-                    plots.loss_curve_plot(self._chain_losses(nested_runs, task_index, task_name, train_losses), figures / "loss_curve.png")
-                    self._log_images(parent, figures, task_index)
-                    self._log_matrix_rows(parent, matrix, task_names)
-                    last = self._client.get_run(parent).data.tags.get(LAST_TASK_TAG)
-                    if last is None or int(last) < task_index:
-                        self._client.set_tag(parent, LAST_TASK_TAG, str(task_index))
-                    self._client.set_terminated(nested, "FINISHED", end_time=None if span is None else int(span[1] * 1000))
-                    self._open_nested = None
-                except BaseException:
-                    self._end_quietly(nested, "FAILED")
-                    raise
-        # A matplotlib Figure is a web of reference cycles that holds its rendered pixels in native memory, so
-        # only the cyclic collector frees it; with torch and Ray loaded, full collections are rare and every
-        # task's plots stayed: the driver grew 5-8 MiB per task (benchmarks/chain_memory.py). One full
-        # collection per task (~0.3 s) frees them.
-        gc.collect()
+                self._log_missing_points(parent, {k: [(task_index, v)] for k, v in parent_metrics.items()}, fresh=False)
+                for name, record in (records or {}).items():
+                    self._client.log_dict(parent, record, f"tasks/{task_dir}/{name}")
+                for name, local in artifacts.items():
+                    self._log_artifacts(parent, Path(local), artifact_paths[name])
+                self._log_images(parent, images, task_index)
+                for artifact_file, columns in (tables or {}).items():
+                    self._log_missing_rows(parent, artifact_file, columns)
+                last = self._client.get_run(parent).data.tags.get(LAST_TASK_TAG)
+                if last is None or int(last) < task_index:
+                    self._client.set_tag(parent, LAST_TASK_TAG, str(task_index))
+                self._client.set_terminated(nested, "FINISHED", end_time=None if span is None else int(span[1] * 1000))
+                self._open_nested = None
+            except BaseException:
+                self._end_quietly(nested, "FAILED")
+                raise
         return nested
 
-    def _log_images(self, run_id: str, figures: Path, step: int) -> None:
-        """Each figure as the image of its key (its file name) at `step`, the task index: the UI shows each key's
-        history with a step slider. A (key, step) the run already has is not logged again (a re-logged task)."""
-        from PIL import Image
-
+    def _log_images(self, run_id: str, images: Mapping[str, np.ndarray], step: int) -> None:
+        """Each image under its key at `step`, the task index: the UI shows each key's history with a step
+        slider. A (key, step) the run already has is not logged again (a re-logged task)."""
         logged = {entry.path.rsplit("/", 1)[-1] for entry in self._client.list_artifacts(run_id, "images")}
-        for png in sorted(figures.glob("*.png")):
-            if any(name.startswith(f"{png.stem}+step+{step}+") for name in logged):
-                continue
-            with Image.open(png) as image:
-                self._client.log_image(run_id, image.convert("RGB"), key=png.stem, step=step)
+        for key, pixels in images.items():
+            if not any(name.startswith(f"{key}+step+{step}+") for name in logged):
+                self._client.log_image(run_id, pixels, key=key, step=step)
 
-    def _log_matrix_rows(self, run_id: str, matrix: Sequence[Sequence[float]], task_names: Sequence[str]) -> None:
-        """The rows of the accuracy matrix that `MATRIX_TABLE` does not hold yet (log_table appends): a row is
-        final once its task is trained, so the table grows by one row per task (by two with the zero-shot row)."""
+    def _log_missing_rows(self, run_id: str, artifact_file: str, columns: Mapping[str, Sequence[Any]]) -> None:
+        """The rows of `columns` beyond those the run's table `artifact_file` holds (log_table appends to it):
+        a table of rows that are final once written, such as the accuracy matrix's, grows by the new ones."""
         held = 0
-        if any(entry.path == MATRIX_TABLE for entry in self._client.list_artifacts(run_id, Path(MATRIX_TABLE).parent.as_posix())):
+        if any(entry.path == artifact_file for entry in self._client.list_artifacts(run_id, Path(artifact_file).parent.as_posix())):
             with tempfile.TemporaryDirectory(prefix="procl-table-") as tmp:
-                held = len(json.loads(Path(self._client.download_artifacts(run_id, MATRIX_TABLE, tmp)).read_text())["data"])
-        rows = _matrix_json(matrix, task_names, len(matrix) - 2)
-        if held >= len(rows["rows"]):
-            return
-        table = {"after": rows["row_names"][held:]}
-        for column, name in enumerate(task_names):
-            table[name] = [row[column] for row in rows["rows"][held:]]
-        self._client.log_table(run_id, data=table, artifact_file=MATRIX_TABLE)
+                held = len(json.loads(Path(self._client.download_artifacts(run_id, artifact_file, tmp)).read_text())["data"])
+        rows = len(next(iter(columns.values()), []))
+        if held < rows:
+            self._client.log_table(run_id, data={name: list(values)[held:] for name, values in columns.items()}, artifact_file=artifact_file)
 
     def log_artifacts(self, artifacts: Mapping[str, Path]) -> None:
         """Chain-level artifacts on the parent run: ``artifacts[path]`` (a local file or folder) goes under
@@ -605,7 +366,7 @@ class ChainTracker:
         parent = self._require_parent()
         artifacts = {Path(name).as_posix(): Path(local) for name, local in artifacts.items()}
         _check_artifacts(artifacts)
-        with self._store_errors("logging chain artifacts"):
+        with store_errors(self._safe_uri, "logging chain artifacts"):
             for name, local in artifacts.items():
                 self._log_artifacts(parent, local, name)
 
@@ -613,7 +374,7 @@ class ChainTracker:
         """Final metrics (step 0) and tags on the parent run, e.g. a sweep's best objective."""
         parent = self._require_parent()
         now = int(time.time() * 1000)
-        with self._store_errors("logging the summary"):
+        with store_errors(self._safe_uri, "logging the summary"):
             self._log_batch(parent, metrics=[Metric(k, _metric_value(v), now, 0) for k, v in metrics.items()],
                             tags=_clean_tags(tags or {}))
 
@@ -621,7 +382,7 @@ class ChainTracker:
         """End the parent's nested runs still RUNNING (their process was stopped from outside, e.g. a Tune
         trial stopped early) as ``status`` with ``tags``."""
         parent = self._require_parent()
-        with self._store_errors("ending stopped nested runs"):
+        with store_errors(self._safe_uri, "ending stopped nested runs"):
             running = self._client.search_runs(
                 [self.experiment_id], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and attributes.status = 'RUNNING'",
                 run_view_type=ViewType.ACTIVE_ONLY,
@@ -646,18 +407,6 @@ class ChainTracker:
         self._open_nested = run_id
         return run_id
 
-    def _chain_losses(self, nested_runs: Mapping[int, Run], task_index: int, task_name: str,
-                      train_losses: Sequence[float]) -> dict[str, list[float]]:
-        """Train losses of all tasks so far in chain order, earlier ones read back from their nested runs
-        (so the chain's loss curve is complete after a resume too)."""
-        losses: dict[str, list[float]] = {}
-        for index in sorted(i for i in nested_runs if i < task_index):
-            run = nested_runs[index]
-            history = {m.step: m.value for m in sorted(self._client.get_metric_history(run.info.run_id, LOSS_METRIC), key=lambda m: m.timestamp)}
-            losses[run.data.tags.get(TASK_NAME_TAG, f"task_{index}")] = [history[s] for s in sorted(history)]
-        losses[task_name] = list(train_losses)
-        return losses
-
     # --------------------------------------------------------------- the end
 
     def _end_quietly(self, run_id: str, status: str) -> None:
@@ -665,7 +414,7 @@ class ChainTracker:
         try:
             self._client.set_terminated(run_id, status)
         except Exception as exc:
-            log.warning("could not mark MLflow run %s %s: %s", run_id, status, _cause(exc))
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, error_line(exc))
         else:
             if self._open_nested == run_id:
                 self._open_nested = None
@@ -676,7 +425,7 @@ class ChainTracker:
             raise ValueError(f"a run ends as one of {', '.join(_END_STATUSES)}, not {status!r}")
         if self.parent_run_id is None or self._finished:
             return
-        with self._store_errors(f"ending the chain run as {status}"):
+        with store_errors(self._safe_uri, f"ending the chain run as {status}"):
             if self._open_nested is not None:
                 self._client.set_terminated(self._open_nested, status)
                 self._open_nested = None
@@ -693,7 +442,7 @@ class ChainTracker:
         status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
         try:
             if self.parent_run_id is not None and not self._finished:
-                self._client.set_tag(self.parent_run_id, "error", _truncate(_cause(exc), MAX_TAG_VAL_LENGTH))
+                self._client.set_tag(self.parent_run_id, "error", _truncate(error_line(exc), MAX_TAG_VAL_LENGTH))
             self.finish(status)
         except Exception as err:  # never hide the chain's own error behind a tracking one
-            log.warning("could not mark the chain run %s: %s", status, _cause(err))
+            log.warning("could not mark the chain run %s: %s", status, error_line(err))

@@ -226,7 +226,8 @@ def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, t
     from ray.tune.search.optuna import OptunaSearch
 
     from pipeline.chain import provenance_tags, init_ray, select_tasks
-    from pipeline.tracking import ChainTracker, default_tracking_uri
+    from pipeline.mlflow_store import default_tracking_uri
+    from pipeline.tracking import KIND_TAG, ChainTracker
 
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, got {trials}")
@@ -248,7 +249,7 @@ def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, t
     with tracker:
         state["mlflow_run_id"] = tracker.start(
             name, params={"sweep.trials": trials, "sweep.space": space.model_dump(mode="json"), **base},
-            tags=provenance_tags() | {"procl.kind": "sweep"}, config_file=config_file, resume_run_id=state.get("mlflow_run_id"),
+            tags=provenance_tags() | {KIND_TAG: "sweep"}, config_file=config_file, resume_run_id=state.get("mlflow_run_id"),
             resolved_config=base,
         )
         atomic_write_text(sweep_dir / SWEEP_FILE, json.dumps(state, indent=1))

@@ -143,6 +143,16 @@ def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
     table = json.loads(Path(client.download_artifacts(parent.info.run_id, "tables/accuracy_matrix.json", str(tmp_path))).read_text())
     assert table["columns"] == ["after", "amazon", "bbc", "yahoo"] and len(table["data"]) == 4
 
+    # `procl report` reads the chain back from the store: its stream, order, strategy and both matrices
+    report = run_cli("report", str(tmp_path / "runs"), "--json")
+    assert report.returncode == 0, report.stderr[-3000:]
+    (chain,) = json.loads(report.stdout)["chains"]
+    assert (chain["stream"], chain["order"], chain["label"], chain["seed"]) == ("tiny", "main", "procl", "0")
+    rows = [manifest["zero_shot"]["test"]] + [record["test"] for record in manifest["tasks"]]
+    assert chain["test"] == [[row.get(name) for name in ("amazon", "bbc", "yahoo")] for row in rows]  # k/8: exact
+    # MLflow's tables keep 10 digits
+    assert chain["validation"][-1] == pytest.approx([manifest["tasks"][-1]["validation"][name] for name in ("amazon", "bbc", "yahoo")])
+
     # the exported adapter is a plain peft LoRA that vanilla peft loads and merges
     from peft import PeftModel
 

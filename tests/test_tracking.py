@@ -1,4 +1,4 @@
-"""ChainTracker against a real MLflow (sqlite store in a temp folder; no mocks).
+"""ChainTracker, the store checks and the redaction of secrets against a real MLflow (sqlite store in a temp folder; no mocks).
 
 One sqlite store serves the whole module (creating it runs MLflow's migrations, seconds), each test
 in its own experiment and run folder; the 3-task chain is logged once and inspected by several tests.
@@ -21,8 +21,10 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from pipeline.tracking import (LOSS_METRIC, MATRIX_TABLE, RESOLVED_CONFIG, ChainTracker, TrackingError, default_tracking_uri,
-                               looks_secret, split_datasets)
+from pipeline import plots
+from pipeline.mlflow_store import TrackingError, default_tracking_uri
+from pipeline.redaction import looks_secret
+from pipeline.tracking import LOSS_METRIC, MATRIX_TABLE, RESOLVED_CONFIG, ChainTracker, split_datasets
 from procl import metrics as cl_metrics
 
 nan = math.nan
@@ -78,17 +80,34 @@ def task_metrics(matrix: list[list[float]]) -> dict[str, float]:
     }
 
 
-def log(tracker: ChainTracker, task: int, adapter: Path, lr: float = 1e-3, artifact_path: str = "checkpoints") -> str:
+ROW_NAMES = ["zero-shot", "after sst2", "after boolq", "after yahoo"]
+
+
+def figures(task: int) -> dict:
+    """The chain's figures after `task`, drawn by pipeline.plots."""
     matrix = MATRIX[: task + 2]
+    drawn = {"accuracy_matrix": plots.accuracy_matrix_heatmap(matrix, NAMES), "forgetting": plots.forgetting_plot(matrix, NAMES),
+             "loss_curve": plots.loss_curve_plot({NAMES[t]: losses(t) for t in range(task + 1)})}
+    if task:  # ProCL's slot usage from its second task on
+        drawn["slot_usage"] = plots.slot_usage_plot(USAGE[:task], NAMES)
+    return drawn
+
+
+def matrix_columns(task: int) -> dict[str, list]:
+    rows = [[None if math.isnan(v) else v for v in row] for row in MATRIX[: task + 2]]
+    return {"after": ROW_NAMES[: task + 2]} | {name: [row[j] for row in rows] for j, name in enumerate(NAMES)}
+
+
+def log(tracker: ChainTracker, task: int, adapter: Path, lr: float = 1e-3, artifact_path: str = "checkpoints") -> str:
     return tracker.log_task(
         task,
         NAMES[task],
         params={"lr": lr, "steps": 5},
         train_losses=losses(task),
-        metrics=task_metrics(matrix),
-        matrix=matrix,
-        task_names=NAMES,
-        task_slot_usage=USAGE[:task] or None,
+        metrics=task_metrics(MATRIX[: task + 2]),
+        figures=figures(task),
+        records={"accuracy_matrix.json": matrix_columns(task)} | ({"slot_usage.json": USAGE[:task]} if task else {}),
+        tables={MATRIX_TABLE: matrix_columns(task)},
         artifacts={artifact_path: adapter},
         datasets=datasets(NAMES[task]),
     )
@@ -178,9 +197,8 @@ def test_chain_artifacts(chain):
     root = artifact_root(client, parent)
     assert root.is_relative_to(run_dir / "mlartifacts")  # not ./mlruns of the working directory
 
-    first = json.loads((root / "tasks/task_0/accuracy_matrix.json").read_text())
-    assert first["rows"] == [[None if math.isnan(v) else v for v in row] for row in MATRIX[:2]]
-    assert first["row_names"] == ["zero-shot", "after sst2"] and first["task_names"] == NAMES and first["task_index"] == 0
+    # the records of each task under tasks/task_<i>/
+    assert json.loads((root / "tasks/task_0/accuracy_matrix.json").read_text()) == matrix_columns(0)
     assert json.loads((root / "tasks/task_2/slot_usage.json").read_text()) == USAGE
     assert not (root / "tasks/task_0/slot_usage.json").exists()  # task 1 has no program memory
 
@@ -194,8 +212,7 @@ def test_chain_artifacts(chain):
     # the matrix as an MLflow table (a row per task trained, NaN as null), which the UI lists as a table
     table = matrix_table(client, parent)
     assert table["columns"] == ["after", *NAMES]
-    assert table["data"] == [[name, *[None if math.isnan(v) else v for v in row]]
-                             for name, row in zip(["zero-shot", "after sst2", "after boolq", "after yahoo"], MATRIX)]
+    assert table["data"] == [[name, *[None if math.isnan(v) else v for v in row]] for name, row in zip(ROW_NAMES, MATRIX)]
     assert {"path": MATRIX_TABLE, "type": "table"} in json.loads(client.get_run(parent).data.tags["mlflow.loggedArtifacts"])
     for task in range(3):
         assert (root / f"checkpoints/task_{task}/adapter_config.json").read_text() == '{"r": 8}'
@@ -264,7 +281,7 @@ def test_resume_reuses_runs_and_refuses_changed_params(store, tmp_path):
     # re-logging task 1 added no image and no table row: each figure once per task, the matrix row by row
     assert image_steps(client, parent) == {"accuracy_matrix": [0, 1, 2], "forgetting": [0, 1, 2], "loss_curve": [0, 1, 2],
                                           "slot_usage": [1, 2]}
-    assert [row[0] for row in matrix_table(client, parent)["data"]] == ["zero-shot", "after sst2", "after boolq", "after yahoo"]
+    assert [row[0] for row in matrix_table(client, parent)["data"]] == ROW_NAMES
     assert len(client.get_run(task_1).inputs.dataset_inputs) == 3  # nor a dataset input
 
     third = ChainTracker(store, "resume", tmp_path)
@@ -307,31 +324,48 @@ def test_a_task_run_spans_the_task_it_records(store, tmp_path):
     tracker = ChainTracker(store, "span", tmp_path)
     tracker.start("chain", {"lr": 1e-3}, {}, None)
     started = time.time() - 3600  # an hour ago, as when a chain re-logs a task after an outage
-    nested = tracker.log_task(0, NAMES[0], params={}, train_losses=losses(0), metrics={}, matrix=MATRIX[:2],
-                              task_names=NAMES, span=(started, started + 42.5))
+    nested = tracker.log_task(0, NAMES[0], params={}, train_losses=losses(0), metrics={}, span=(started, started + 42.5))
     tracker.finish()
     info = MlflowClient(store).get_run(nested).info
     assert (info.start_time, info.end_time) == (int(started * 1000), int((started + 42.5) * 1000))
 
 
 def test_a_logged_task_leaves_no_figure_behind(store, tmp_path):
-    """The plots' Figures (reference cycles holding their pixels) are freed by log_task itself, not whenever
+    """The chain's figures (reference cycles holding their pixels) are freed once each task is logged, not whenever
     the cyclic collector next runs: in the chain's driver that was rarely, and memory grew every task."""
     from matplotlib.figure import Figure
 
-    adapter = adapter_dir(tmp_path)
+    from pipeline.chain import _log_task
+    from pipeline.config import load_config
+    from pipeline.manifest import Manifest, TaskRecord
+    from procl.checkpoint import META_FILE
+
+    config = load_config(None, [f"output_dir={tmp_path}", "run_name=figures"])
+    config.run_dir().mkdir(parents=True)
+    (config.run_dir() / "manifest.json").write_text("{}")
+    records = []
+    for task in range(2):
+        state_dir = config.run_dir() / f"task_{task}"
+        state_dir.mkdir()
+        (state_dir / META_FILE).write_text(json.dumps({"task_slot_usage": USAGE[:task]}))
+        scores = dict(zip(NAMES[: task + 1], MATRIX[task + 1]))
+        records.append(TaskRecord(task, NAMES[task], str(state_dir), "0", scores, scores, losses(task)))
+    manifest = Manifest("0", NAMES, zero_shot={"test": dict(zip(NAMES, MATRIX[0])), "validation": dict(zip(NAMES, MATRIX[0]))},
+                        tasks=records)
     tracker = ChainTracker(store, "figures", tmp_path)
     tracker.start("chain", {"lr": 1e-3}, {}, None)
     gc.collect()
-    gc.disable()  # no automatic collection may hide what log_task leaves
+    gc.disable()  # no automatic collection may hide what logging a task leaves
     try:
-        log(tracker, 0, adapter)
-        log(tracker, 1, adapter)
+        for record in records:
+            _log_task(tracker, manifest, record, config, datasets(record.name))
         figures = [o for o in gc.get_objects() if type(o) is Figure]  # type(): isinstance probes lazy module attributes
     finally:
         gc.enable()
         tracker.finish()
     assert figures == []
+    assert image_steps(MlflowClient(store), tracker.parent_run_id) == {"accuracy_matrix": [0, 1], "forgetting": [0, 1],
+                                                                       "loss_curve": [0, 1], "slot_usage": [1]}
 
 
 def test_missing_sqlite_folder_is_refused(tmp_path):
