@@ -396,16 +396,21 @@ def _row_names(matrix: list[list[float]], task_names: list[str]) -> list[str]:
     return ["zero-shot"] + [f"after {name}" for name in task_names[: len(matrix) - 1]]
 
 
+def _json_rows(matrix: list[list[float]]) -> list[list[float | None]]:
+    """The matrix's rows with NaN (a task not scored yet) as null: JSON has no NaN."""
+    return [[None if math.isnan(v) else v for v in row] for row in matrix]
+
+
 def _matrix_record(matrix: list[list[float]], task_names: list[str], task_index: int) -> dict:
-    """The accuracy matrix after task `task_index` as its JSON record (NaN, a task not scored yet, as null)."""
+    """The accuracy matrix after task `task_index` as its JSON record."""
     return {"task_index": task_index, "task_names": task_names, "row_names": _row_names(matrix, task_names),
-            "rows": [[None if math.isnan(v) else v for v in row] for row in matrix]}
+            "rows": _json_rows(matrix)}
 
 
 def _matrix_columns(matrix: list[list[float]], task_names: list[str]) -> dict[str, list]:
     """The accuracy matrix as table columns: "after" (the row's name), then a column per task."""
-    return {"after": _row_names(matrix, task_names)} | {
-        name: [None if math.isnan(row[j]) else row[j] for row in matrix] for j, name in enumerate(task_names)}
+    rows = _json_rows(matrix)
+    return {"after": _row_names(matrix, task_names)} | {name: [row[j] for row in rows] for j, name in enumerate(task_names)}
 
 
 def _chain_tags(config: ChainConfig) -> dict[str, str]:

@@ -26,7 +26,7 @@ from pipeline.memory import WorkerMemory
 from pipeline.models import load_model_and_tokenizer
 from pipeline.scoring import count_correct, scores_from_counts
 from procl.checkpoint import sha256_file
-from procl.distributed import write_full
+from procl.distributed import all_reduce_mean, write_full
 
 OPTIMIZER = "optimizer"  # a checkpoint's folder of the ranks' optimizer partitions
 # Progress goes through logging, not print: Ray Train's workers turn print() into a log record *and* a
@@ -191,22 +191,11 @@ def train_steps(engine, model, strategy, batches: Iterable[dict[str, torch.Tenso
             continue
         strategy.after_optimizer_step(model, engine)
         progress["steps"] += 1
-        progress["losses"].append(mean_over_ranks(torch.stack(step_losses).mean()))
+        progress["losses"].append(all_reduce_mean(torch.stack(step_losses).mean()).item())  # collective: every rank
         step_losses.clear()
         if after_step is not None:
             after_step(progress["losses"][-1])
 
-
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """`value`'s mean over the ranks of the process group (collective: every rank calls it), or `value` alone
-    outside one. A sum divided by the world size: gloo has no average."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value.item()
-    total = value.clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total.item() / dist.get_world_size()
 
 
 def settle_precision(config: ChainConfig, device: torch.device, rank: int) -> ChainConfig:

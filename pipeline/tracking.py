@@ -190,6 +190,10 @@ class ChainTracker:
             points += [Metric(key, _metric_value(v), now, step) for step, v in values if _point(step, v) not in recorded]
         self._log_batch(run_id, metrics=points)
 
+    def _log_inputs(self, run_id: str, datasets: Sequence[DatasetInput]) -> None:
+        if datasets:  # the store lists a dataset input once, also when logged again
+            self._client.log_inputs(run_id, datasets=list(datasets))
+
     def _log_artifacts(self, run_id: str, local: Path, artifact_path: str | None) -> None:
         if local.is_dir():
             self._client.log_artifacts(run_id, str(local), artifact_path)
@@ -237,8 +241,7 @@ class ChainTracker:
                 self._log_config(run_id, Path(config_file))
             if resolved_config is not None:
                 self._client.log_dict(run_id, redacted_mapping(resolved_config), RESOLVED_CONFIG)
-            if datasets:  # the store lists a dataset input once, also when logged again
-                self._client.log_inputs(run_id, datasets=list(datasets))
+            self._log_inputs(run_id, datasets)
         return run_id
 
     def _log_config(self, run_id: str, config_file: Path) -> None:
@@ -319,8 +322,7 @@ class ChainTracker:
             nested = self._open_task_run(parent, task_index, task_name, existing, span)
             try:
                 self._log_batch(nested, params=new_params)
-                if datasets:  # the store lists a dataset input once, also when logged again
-                    self._client.log_inputs(nested, datasets=list(datasets))
+                self._log_inputs(nested, datasets)
                 self._log_missing_points(nested, {LOSS_METRIC: list(enumerate(train_losses))}, fresh=existing is None)
 
                 self._log_missing_points(parent, {k: [(task_index, v)] for k, v in parent_metrics.items()}, fresh=False)
