@@ -9,9 +9,11 @@ Each run is one chain of the standard stream (configs/streams/standard.yaml, res
 tokenisation, strategy hooks, optimizer steps and scoring, without Ray's per-task start-up, so the
 table fits on a 2-core CPU. Every strategy gets the same config (configs/demo.yaml's model, LoRA
 settings, learning rate, steps) — no method is tuned on test data; the zero-shot row is scored once
-per order and seed and shared. Results are appended to `<out>/runs.jsonl` as each chain finishes, and
-a re-run skips chains already there (the run is resumable). Prints the table (mean +- std over orders
-and seeds of final average accuracy, BWT and forgetting, test and validation) and one JSON line last.
+per order and seed and shared. Each finished chain is logged, as the pipeline logs its chains, to the
+MLflow store `<out>/mlflow.db` (run `<strategy>-<order>-seed<seed>`, its folder `<out>/<run name>/`) and
+appended to `<out>/runs.jsonl` (timings, ProCL's sorted slot plasticity); a re-run skips chains already
+there (the run is resumable). Prints `procl report <out>`'s table, read back from the store (mean +- std
+over orders and seeds of AA, LA, BWT and forgetting, test and validation), and one JSON line last.
 """
 
 from __future__ import annotations
@@ -31,11 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
+from cl_table import LABELS  # noqa: E402
 from pipeline_overhead import run_bare  # noqa: E402
 
-from pipeline.chain import select_tasks  # noqa: E402
+from pipeline.chain import log_recorded_chain, select_tasks  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.report import mean_std  # noqa: E402
+from pipeline.mlflow_store import default_tracking_uri  # noqa: E402
+from pipeline.report import SUMMARY, markdown, read_chains  # noqa: E402
 from procl import metrics  # noqa: E402
 
 STRATEGIES = ["seq_lora", "inc_lora", "o_lora", "replay", "procl", "multitask"]
@@ -93,8 +97,9 @@ def main() -> None:
     done = {(r["strategy"], r["order"], r["seed"]): r for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else {}
 
+    tracking_uri = default_tracking_uri(args.out)
     # one worker's batches: the bare loop's optimizer step is num_workers x batch_size rows
-    common = [f"stream.path={stream}", "scaling.num_workers=1", *args.overrides]
+    common = [f"stream.path={stream}", "scaling.num_workers=1", f"output_dir={args.out}", f"tracking.uri={tracking_uri}", *args.overrides]
     started = time.time()
     for order in args.orders:
         for seed in args.seeds:
@@ -103,11 +108,13 @@ def main() -> None:
                 if (name, order, seed) in done:
                     zero_shot = done[(name, order, seed)]["zero_shot"]
                     continue
-                config = load_config(args.config, [*common, f"stream.order={order}", f"training.seed={seed}", f"strategy.name={name}"])
+                config = load_config(args.config, [*common, f"stream.order={order}", f"training.seed={seed}", f"strategy.name={name}",
+                                                   f"run_name={name}-{order}-seed{seed}"])
                 tasks = select_tasks(config)
                 run_started = time.time()
-                result = run_bare(config, tasks, args.threads, args.out / "adapters" / f"{name}-{order}-{seed}", zero_shot=zero_shot)
+                result = run_bare(config, tasks, args.threads, config.run_dir(), zero_shot=zero_shot)
                 zero_shot = result["zero_shot"]
+                log_recorded_chain(config, result["manifest"], tracking_uri)
                 record = {"strategy": name, "order": order, "seed": seed, "tasks": [t.name for t in tasks],
                           "matrix": result["matrix"], "validation_matrix": result["validation_matrix"], "zero_shot": zero_shot,
                           "seconds": round(time.time() - run_started, 1),
@@ -123,21 +130,19 @@ def main() -> None:
                       f"({record['seconds']:.0f} s)" + (f"  sorted plasticity {record['sorted_plasticity']}" if "sorted_plasticity" in record else ""),
                       flush=True)
 
+    # the table as `procl report <out>` prints it: from the MLflow store, not from runs.jsonl
+    chains = [c for c in read_chains(tracking_uri) if c.label in args.strategies and c.order in args.orders and int(c.seed) in args.seeds]
+    logged = {(c.label, c.order, int(c.seed)) for c in chains}
+    missing = [key for key in done if key not in logged and key[0] in args.strategies and key[1] in args.orders and key[2] in args.seeds]
+    if missing:
+        print(f"{len(missing)} chain(s) of runs.jsonl are not in {tracking_uri} (run before chains were logged): "
+              f"benchmarks/cl_table.py {args.out} tables them all")
+    print("\n" + markdown(chains, LABELS))
     rows = {}
     for name in args.strategies:
-        runs = [done[(name, o, s)] for o in args.orders for s in args.seeds if (name, o, s) in done]
-        test = [metrics.summary(r["matrix"]) for r in runs]
-        validation = [metrics.summary(r["validation_matrix"]) for r in runs]
-        rows[name] = {
-            "runs": len(runs),
-            **{f"test_{k}": [t[k] for t in test] for k in ("average_accuracy", "learning_accuracy", "backward_transfer", "forgetting")},
-            "validation_average_accuracy": [v["average_accuracy"] for v in validation],
-        }
-    print(f"\n{'strategy':<10} {'runs':>4}  {'test AA':>15}  {'test LA':>15}  {'test BWT':>16}  {'forgetting':>15}  {'validation AA':>15}")
-    for name, row in rows.items():
-        print(f"{name:<10} {row['runs']:>4}  {mean_std(row['test_average_accuracy']):>15}  {mean_std(row['test_learning_accuracy']):>15}  "
-              f"{mean_std(row['test_backward_transfer']):>16}  "
-              f"{mean_std(row['test_forgetting']):>15}  {mean_std(row['validation_average_accuracy']):>15}")
+        mine = [c for c in chains if c.label == name]
+        rows[name] = {"runs": len(mine), **{f"test_{k}": [c.summary("test")[k] for c in mine] for k in SUMMARY},
+                      "validation_average_accuracy": [c.summary("validation")["average_accuracy"] for c in mine]}
     print(json.dumps({"benchmark": "cl_quality", "orders": args.orders, "seeds": args.seeds,
                       "sizes": {"train": args.train, "validation": args.validation, "test": args.test},
                       "overrides": args.overrides, "seconds": round(time.time() - started, 1), "per_strategy": rows}))

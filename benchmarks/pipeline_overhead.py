@@ -263,14 +263,19 @@ def pipeline_breakdown(run: dict, log_path: str, names: list[str]) -> dict:
 def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None = None) -> dict:
     """The same chain in one process: one model, plain torch AdamW, the same hooks and evaluation.
 
-    `zero_shot` (test and validation scores of the untrained model) skips scoring it again."""
+    Records the chain as the pipeline's driver does, in `out_dir`: each task's strategy state under
+    `tasks/task_<i>`, the adapter under `bare-adapter` and the manifest (`result["manifest"]`, which
+    `pipeline.chain.log_recorded_chain` logs to MLflow). `zero_shot` (test and validation scores of the
+    untrained model) skips scoring it again."""
     import numpy as np
     import torch
 
+    from pipeline.manifest import Manifest, TaskRecord
     from pipeline.scoring import score_tasks
     from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
     from pipeline.preprocess import TokenizeBatch, TrimPadding
     from procl import make_strategy, metrics
+    from procl.checkpoint import TENSORS_FILE, save_strategy_state, sha256_file
 
     torch.set_num_threads(threads)
     config = config.on_device("cpu")  # precision settled as the workers settle it
@@ -283,8 +288,12 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         return score_tasks(scored_model, tokenizer, seen, config)  # exactly the pipeline's scoring
 
     t = time.time()
+    shared_zero_shot = zero_shot is not None
     zero_shot = zero_shot or evaluate(model, tasks)
     zero_shot_s = time.time() - t
+    manifest = Manifest(config.fingerprint(), [task.name for task in tasks], zero_shot=zero_shot,
+                        zero_shot_seconds=None if shared_zero_shot else zero_shot_s,  # a shared row: no share of this chain's time
+                        mlflow_run_id=_logged_run_id(out_dir))
 
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
     model = strategy.build(model)
@@ -308,6 +317,8 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                                       weight_decay=config.training.weight_decay)
         trainable = [p for p in model.parameters() if p.requires_grad]
         model.train()
+        losses: list[float] = []  # per optimizer step, the task loss averaged over its micro-batches (as train/loss)
+        micro_losses: list[float] = []
         # Ray Train splits the rows equally over the workers (equal=True drops the remainder); each worker
         # iterates its shard in micro-batches of batch_size (the last one may be short)
         shard = len(examples) // workers
@@ -324,6 +335,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                         loss = model(**batch).loss
                     extra = strategy.extra_loss(model)
                     ((loss if extra is None else loss + extra) / (workers * accumulation)).backward()
+                    micro_losses.append(loss.item())
                 if (k + 1) % accumulation:
                     continue
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -331,7 +343,10 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                 optimizer.zero_grad()
                 strategy.after_optimizer_step(model)
                 steps += 1
+                losses.append(sum(micro_losses) / len(micro_losses))
+                micro_losses.clear()
         strategy.after_task(model, index, examples)
+        state_dir = save_strategy_state(strategy, model, out_dir / "tasks" / f"task_{index}")  # the pipeline's checkpoint
         train_s = time.time() - t
 
         t = time.time()
@@ -339,19 +354,33 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         eval_s = time.time() - t
         rows_matrix.append([scores["test"].get(other.name, math.nan) for other in tasks])
         validation_rows.append([scores["validation"].get(other.name, math.nan) for other in tasks])
+        task_s = time.time() - task_start
         per_task.append({"task": task.name, "tokenize_s": tokenize_s, "train_s": train_s, "eval_s": eval_s, "steps": steps,
-                         "task_s": time.time() - task_start, "test": scores["test"]})
+                         "task_s": task_s, "test": scores["test"]})
+        manifest.record(TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"],
+                                   scores["validation"], losses, seconds={"task": task_s, "evaluate": eval_s, "train": task_s - eval_s},
+                                   ended_at=time.time(), train_examples=len(examples)))
 
     t = time.time()
     if plain_lora:  # the reference MLP variant has no plain-LoRA export
         strategy.export(model, out_dir / "bare-adapter")
+        manifest.adapter_dir = str(out_dir / "bare-adapter")
     export_s = time.time() - t
+    manifest.save(out_dir)
     total = time.time() - start
     matrix = [[zero_shot["test"][task.name] for task in tasks]] + rows_matrix
     validation_matrix = [[zero_shot["validation"][task.name] for task in tasks]] + validation_rows
     return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,
             "per_task": per_task, "matrix": matrix, "validation_matrix": validation_matrix, "zero_shot": zero_shot,
-            "summary": metrics.summary(matrix), "task_slot_usage": getattr(strategy, "task_slot_usage", [])}
+            "summary": metrics.summary(matrix), "task_slot_usage": getattr(strategy, "task_slot_usage", []), "manifest": manifest}
+
+
+def _logged_run_id(run_dir: Path) -> str | None:
+    """The MLflow chain run of an earlier recording of this chain (a re-run after a stop logs into it, not a second run)."""
+    from pipeline.manifest import MANIFEST
+
+    path = run_dir / MANIFEST
+    return json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
 
 
 # -- report ----------------------------------------------------------------------------------------------

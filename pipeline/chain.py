@@ -237,7 +237,7 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
 def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,
                  tags: dict[str, str] | None, on_task_done: Callable[[TaskRecord, Manifest], None] | None) -> ChainResult:
     from pipeline.mlflow_store import default_tracking_uri
-    from pipeline.tracking import ChainTracker, split_datasets
+    from pipeline.tracking import ChainTracker
 
     run_dir = config.run_dir()
     manifest = Manifest.open(run_dir, config.fingerprint(), [task.name for task in tasks])
@@ -248,16 +248,10 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
     print(precision)
     init_ray(config)
-    datasets = {task.name: split_datasets(task.name, task.splits, task.source) for task in tasks}
+    datasets = _task_inputs(tasks)
 
     with tracker:
-        manifest.mlflow_run_id = tracker.start(
-            config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | _chain_tags(config) | (tags or {}),
-            config_file=config_file,
-            resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id, resolved_config=config.model_dump(mode="json"),
-            datasets=[entry for task in tasks for entry in datasets[task.name]],
-        )
-        manifest.save(run_dir)
+        _start_chain_run(tracker, config, manifest, datasets, config_file, parent_run_id, tags)
         for index in range(len(tasks)):
             if manifest.is_done(index):
                 record = manifest.task(index)
@@ -288,7 +282,7 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
                     last_end = time.monotonic()
                 elif results["kind"] == "export":
                     manifest.adapter_dir = results["adapter_dir"]
-                    tracker.log_artifacts({"adapter": Path(manifest.adapter_dir), "manifest": manifest.save(run_dir)})
+                    _log_chain_artifacts(tracker, manifest, run_dir)
                 else:
                     seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
                     last_end = time.monotonic()
@@ -304,14 +298,66 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
         if manifest.adapter_dir is None and not config.exports_plain_lora():
             console.print("no adapter export: procl.reference_mlp keeps an MLP in the model at inference; "
                           f"the model is the last checkpoint, {manifest.last_state()}")
-            tracker.log_artifacts({"manifest": manifest.save(run_dir)})
-        share = manifest.evaluation_share()
+            _log_chain_artifacts(tracker, manifest, run_dir)
+        share = _log_evaluation_share(tracker, manifest)
         if not math.isnan(share):
-            tracker.log_summary({"seconds/evaluation_share": share})
             console.print(f"evaluation took {share:.0%} of the chain's task time")
     matrix = manifest.matrix("test")
     adapter_dir = Path(manifest.adapter_dir) if manifest.adapter_dir else None
     return ChainResult(run_dir, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
+
+
+def log_recorded_chain(config: ChainConfig, manifest: Manifest, tracking_uri: str) -> str:
+    """Log a chain recorded by a loop outside the Ray driver (`manifest`: every task's scores, losses and
+    checkpoint; benchmarks/cl_quality.py's bare loop records one) into `tracking_uri` as the driver logs its
+    chains: the chain run (params, tags, datasets), a nested run per task, the figures, tables and adapter.
+    A manifest that names its MLflow run already is logged into that run again (idempotent), not a new one.
+    Saves the manifest with the run ids; returns the chain run's id."""
+    from pipeline.tracking import ChainTracker
+
+    run_dir = config.run_dir()
+    tasks = select_tasks(config)
+    datasets = _task_inputs(tasks)
+    with ChainTracker(tracking_uri, config.tracking.experiment, run_dir.parent) as tracker:
+        _start_chain_run(tracker, config, manifest, datasets, start_time=manifest.started_at())
+        for record in manifest.tasks:
+            record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
+        _log_chain_artifacts(tracker, manifest, run_dir)
+        _log_evaluation_share(tracker, manifest)
+    return manifest.mlflow_run_id
+
+
+def _task_inputs(tasks: list[Task]) -> dict[str, list]:
+    """Each task's splits as MLflow dataset inputs, by task name."""
+    from pipeline.tracking import split_datasets
+
+    return {task.name: split_datasets(task.name, task.splits, task.source) for task in tasks}
+
+
+def _start_chain_run(tracker, config: ChainConfig, manifest: Manifest, datasets: dict[str, list], config_file: Path | None = None,
+                     parent_run_id: str | None = None, tags: dict[str, str] | None = None, start_time: float | None = None) -> None:
+    """Start the chain's MLflow run (or resume the manifest's) and save its id in the manifest."""
+    manifest.mlflow_run_id = tracker.start(
+        config.run_name, params=config.model_dump(mode="json"), tags=provenance_tags() | _chain_tags(config) | (tags or {}),
+        config_file=config_file, resume_run_id=manifest.mlflow_run_id, parent_run_id=parent_run_id,
+        resolved_config=config.model_dump(mode="json"), datasets=[entry for entries in datasets.values() for entry in entries],
+        start_time=start_time,
+    )
+    manifest.save(config.run_dir())
+
+
+def _log_chain_artifacts(tracker, manifest: Manifest, run_dir: Path) -> None:
+    """The chain's end products on its run: the exported adapter (when there is one) and the manifest."""
+    adapter = {"adapter": Path(manifest.adapter_dir)} if manifest.adapter_dir else {}
+    tracker.log_artifacts(adapter | {"manifest": manifest.save(run_dir)})
+
+
+def _log_evaluation_share(tracker, manifest: Manifest) -> float:
+    """Log (when timings exist) and return evaluation's share of the chain's task time."""
+    share = manifest.evaluation_share()
+    if not math.isnan(share):
+        tracker.log_summary({"seconds/evaluation_share": share})
+    return share
 
 
 def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float], train_examples: int) -> TaskRecord:

@@ -107,6 +107,14 @@ class Manifest:
                 "truncated or altered; it will not be loaded"
             )
 
+    def started_at(self) -> float | None:
+        """When the chain started (unix seconds): its first task's start, less the zero-shot scoring before it;
+        None before a task with timings is recorded."""
+        first = self.tasks[0] if self.tasks else None
+        if first is None or first.ended_at is None or "task" not in first.seconds:
+            return None
+        return first.ended_at - first.seconds["task"] - (self.zero_shot_seconds or 0.0)
+
     def evaluation_share(self) -> float:
         """Evaluation's share of the chain's wall time: zero-shot + per-task scoring over zero-shot + whole
         tasks (Ray start-up and the export, once per chain, are left out); NaN before timings exist."""

@@ -204,7 +204,8 @@ class ChainTracker:
 
     def start(self, run_name: str, params: Mapping[str, Any], tags: Mapping[str, Any], config_file: Path | None,
               resume_run_id: str | None = None, parent_run_id: str | None = None,
-              resolved_config: Mapping[str, Any] | None = None, datasets: Sequence[DatasetInput] = ()) -> str:
+              resolved_config: Mapping[str, Any] | None = None, datasets: Sequence[DatasetInput] = (),
+              start_time: float | None = None) -> str:
         """Start the chain's parent run, or resume run ``resume_run_id`` (a re-submitted chain); returns its id.
 
         ``parent_run_id`` nests the chain run itself under another run (a Tune sweep's run: sweep ->
@@ -217,7 +218,8 @@ class ChainTracker:
         and ``resolved_config``, the config that runs (``--set`` overrides applied, defaults filled in), as
         ``config/resolved.yaml``. Keys that look like secrets (``looks_secret``) are never logged, and their values
         are redacted in both config copies. ``datasets`` (every task's, from ``split_datasets``) are the run's
-        inputs: the Dataset column of the runs list.
+        inputs: the Dataset column of the runs list. ``start_time`` (unix seconds) dates a new run from when its
+        chain started, for a chain logged after it ran (default: now).
         """
         if self.parent_run_id is not None:
             raise RuntimeError(f"this tracker already started run {self.parent_run_id}")
@@ -234,7 +236,8 @@ class ChainTracker:
                 run_id = resume_run_id
             else:
                 nesting = {MLFLOW_PARENT_RUN_ID: parent_run_id} if parent_run_id else {}
-                run_id = self._client.create_run(self.experiment_id, run_name=run_name, tags=nesting).info.run_id
+                run_id = self._client.create_run(self.experiment_id, run_name=run_name, tags=nesting,
+                                                 start_time=None if start_time is None else int(start_time * 1000)).info.run_id
             self.parent_run_id = run_id
             self._log_batch(run_id, params=clean_params, tags=clean_tags)
             if config_file is not None:

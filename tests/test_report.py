@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +24,8 @@ from pipeline.tracking import KIND_TAG, ORDER_TAG, STREAM_TAG, ChainTracker
 from procl import metrics
 from procl.checkpoint import META_FILE
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # cl_table's row labels
 nan = math.nan
 NAMES = ["amazon", "bbc"]
 # (strategy, order, seed) -> the test matrix of its 2-task chain; validation scores are test - 0.1
@@ -105,3 +111,44 @@ def test_the_report_says_what_it_could_not_find(store, tmp_path, capsys):
     assert "no MLflow experiment 'nope'" in capsys.readouterr().err
     assert main(["report", str(store), "--filter", "params.`training.seed` = '7'"]) == 2
     assert "no finished chain in experiment 'procl' matching" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_cl_quality_logs_its_chains_to_mlflow_and_reports_them_from_there(tmp_path):
+    """benchmarks/cl_quality.py's bare chains are chain runs of `<out>/mlflow.db`, logged by the chain's code: its
+    table is `procl report <out>`'s, and a chain redone after a stop (logged, but not yet in runs.jsonl) is logged
+    into its earlier run, not beside it."""
+    import mlflow
+
+    from cl_table import LABELS
+    from pipeline.report import markdown
+
+    out = tmp_path / "clq"
+    command = [sys.executable, str(ROOT / "benchmarks" / "cl_quality.py"), "--out", str(out), "--strategies", "seq_lora", "procl",
+               "--orders", "order1", "--seeds", "0", "--train", "8", "--validation", "2", "--test", "4",
+               "--set", "model.name=tiny-llama", "--set", "stream.max_tasks=2"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    chains = read_chains(default_tracking_uri(out))
+    assert [(c.label, c.order, c.seed, c.stream) for c in chains] == [("seq_lora", "order1", "0", "standard"), ("procl", "order1", "0", "standard")]
+    for chain, record in zip(chains, records):
+        np.testing.assert_allclose(chain.test, record["matrix"])
+        np.testing.assert_allclose(chain.validation, record["validation_matrix"])
+    assert markdown(chains, LABELS) in first.stdout
+
+    client = mlflow.MlflowClient(default_tracking_uri(out))
+    for chain in chains:
+        tasks = client.search_runs([client.get_run(chain.run_id).info.experiment_id], f"tags.`mlflow.parentRunId` = '{chain.run_id}'")
+        assert len(tasks) == 2
+        for task in tasks:
+            steps = int(task.data.params["optimizer_steps"])
+            assert steps > 0 and len(client.get_metric_history(task.info.run_id, "train/loss")) == steps
+            assert {i.tags[0].value for i in task.inputs.dataset_inputs} == {"training", "validation", "testing"}
+            assert task.info.end_time > task.info.start_time
+
+    (out / "runs.jsonl").write_text(json.dumps(records[0]) + "\n")  # stopped after logging procl's chain, before recording it
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "procl      order1 seed 0" in second.stdout and "seq_lora   order1 seed 0" not in second.stdout  # only procl redone
+    assert [c.run_id for c in read_chains(default_tracking_uri(out))] == [c.run_id for c in chains]
