@@ -28,6 +28,10 @@ class ConfigError(ValueError):
     """A run configuration is invalid; the message names the file/field and what was expected."""
 
 
+# strategies whose extra loss reads whole LoRA factors outside the forward (not under ZeRO-3), by that loss
+WHOLE_FACTOR_LOSSES = {"o_lora": "orthogonality loss", "n_lora": "sparsity loss", "l2_prev": "L2 pull"}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +48,8 @@ class StrategyConfig(_Strict):
     procl: ProCLConfig = Field(default_factory=ProCLConfig)
     buffer_per_task: int = Field(20, gt=0, description="replay: training examples kept per earlier task")
     lambda1: float = Field(0.5, ge=0, description="o_lora: weight of the orthogonality penalty")
+    l1_weight: float = Field(1e-3, ge=0, description="n_lora: weight of the L1 penalty on the task's own LoRA update")
+    l2_weight: float = Field(1.0, ge=0, description="l2_prev: weight of the L2 pull toward the previous task's LoRA factors")
 
     @model_validator(mode="after")
     def _known_name(self) -> "StrategyConfig":
@@ -55,7 +61,8 @@ class StrategyConfig(_Strict):
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of `procl.make_strategy` for this strategy."""
-        extra = {"procl": {"procl": self.procl}, "replay": {"buffer_per_task": self.buffer_per_task}, "o_lora": {"lambda1": self.lambda1}}
+        extra = {"procl": {"procl": self.procl}, "replay": {"buffer_per_task": self.buffer_per_task}, "o_lora": {"lambda1": self.lambda1},
+                 "n_lora": {"l1_weight": self.l1_weight}, "l2_prev": {"l2_weight": self.l2_weight}}
         return {"lora": self.lora} | extra.get(self.name, {})
 
 
@@ -149,9 +156,10 @@ class ChainConfig(_Strict):
     def _compatible(self) -> "ChainConfig":
         if self.deepspeed.offload_optimizer and self.deepspeed.zero_stage == 0:
             raise ValueError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
-        if self.strategy.name == "o_lora" and self.deepspeed.zero_stage == 3:
-            # its orthogonality loss reads whole LoRA factors outside the forward, where ZeRO-3 keeps only shards
-            raise ValueError("strategy o_lora does not run under deepspeed.zero_stage 3 (its orthogonality loss needs "
+        loss = WHOLE_FACTOR_LOSSES.get(self.strategy.name)
+        if loss and self.deepspeed.zero_stage == 3:
+            # the loss reads whole LoRA factors outside the forward, where ZeRO-3 keeps only shards
+            raise ValueError(f"strategy {self.strategy.name} does not run under deepspeed.zero_stage 3 (its {loss} needs "
                              "whole LoRA factors); use zero_stage 0-2 (LoRA weights are small) or another strategy")
         return self
 

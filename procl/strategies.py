@@ -282,6 +282,69 @@ class OLoRA(IncLoRA):
         return self.lambda1 * torch.stack(terms).sum() if terms else None
 
 
+class NLoRA(IncLoRA):
+    """inc_lora plus N-LoRA's sparsity penalty l1_weight * sum_layers |Delta W_t|_1 on the update of the task being
+    trained, Delta W_t = scaling * B_t A_t (arXiv 2410.10179): sparse, non-colliding task updates."""
+
+    name = "n_lora"
+
+    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l1_weight: float = 1e-3) -> None:
+        super().__init__(lora, seed)
+        if l1_weight < 0:
+            raise ValueError(f"n_lora l1_weight must be >= 0, got {l1_weight}")
+        self.l1_weight = l1_weight
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        current = self.adapter_name(self.task_index)
+        terms = [(layer.lora_B[current].weight @ layer.lora_A[current].weight).abs().sum() * layer.scaling[current]
+                 for _, layer in memory.lora_layers(model, current)]
+        return self.l1_weight * torch.stack(terms).sum() if terms else None
+
+
+class L2Prev(ContinualStrategy):
+    """seq_lora plus l2_weight * ||theta - theta_prev||^2 over the LoRA factors, theta_prev being where the previous
+    task left them: the textbook stability baseline (an L2 pull toward the previous task's adapter; the first task
+    trains unpulled). ProCL's pull-back of non-top slots acts like it, which is what this control separates."""
+
+    name = "l2_prev"
+    ANCHOR_PREFIX = "l2_prev_anchor::"  # the anchor's tensors in the state (a task resumed mid-way keeps its anchor)
+
+    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l2_weight: float = 1.0) -> None:
+        super().__init__(lora, seed)
+        if l2_weight < 0:
+            raise ValueError(f"l2_prev l2_weight must be >= 0, got {l2_weight}")
+        self.l2_weight = l2_weight
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.anchor_task = -1
+
+    def before_task(self, model: PeftModel, task_index: int) -> None:
+        super().before_task(model, task_index)
+        if task_index >= 1 and self.anchor_task != task_index:  # a restored mid-task state brought its own anchor
+            self.anchor = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
+            self.anchor_task = task_index
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if not self.anchor:
+            return None
+        terms = []
+        for name, param in model.named_parameters():
+            if name in self.anchor:
+                if self.anchor[name].device != param.device:  # restored on the CPU, trained on the GPU: moved once
+                    self.anchor[name] = self.anchor[name].to(param.device)
+                terms.append((param.float() - self.anchor[name]).pow(2).sum())
+        return self.l2_weight * torch.stack(terms).sum()
+
+    def state(self, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, meta = super().state(model)
+        tensors |= {self.ANCHOR_PREFIX + name: anchor.cpu() for name, anchor in self.anchor.items()}
+        return tensors, meta | {"anchor_task": self.anchor_task}
+
+    def _restore_strategy(self, model: PeftModel, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.anchor = {k[len(self.ANCHOR_PREFIX):]: v for k, v in tensors.items() if k.startswith(self.ANCHOR_PREFIX)}
+        self.anchor_task = meta["anchor_task"]
+        return {k: v for k, v in super()._restore_strategy(model, tensors, meta).items() if not k.startswith(self.ANCHOR_PREFIX)}
+
+
 class ProCL(ContinualStrategy):
     """ProCL: plain LoRA on task 1, program memory with consolidation from task 2 on (docs/METHOD.md)."""
 
@@ -375,12 +438,12 @@ class ProCL(ContinualStrategy):
 
 
 STRATEGIES: dict[str, type[ContinualStrategy]] = {
-    cls.name: cls for cls in (SeqLoRA, IncLoRA, OLoRA, ReplayLoRA, MultitaskLoRA, ProCL)
+    cls.name: cls for cls in (SeqLoRA, IncLoRA, OLoRA, NLoRA, L2Prev, ReplayLoRA, MultitaskLoRA, ProCL)
 }
 
 
 def make_strategy(name: str, **options: Any) -> ContinualStrategy:
-    """The strategy called `name` (procl, seq_lora, inc_lora, o_lora, replay, multitask)."""
+    """The strategy called `name` (procl, seq_lora, inc_lora, o_lora, n_lora, l2_prev, replay, multitask)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)}")
     return STRATEGIES[name](**options)

@@ -44,7 +44,7 @@ def test_reference_slots_must_divide_factor_rows():
 
 
 def test_unknown_strategy_lists_the_choices():
-    with pytest.raises(ValueError, match=r"unknown strategy 'ewc'; choose one of \['inc_lora', 'multitask', 'o_lora', 'procl', 'replay', 'seq_lora'\]"):
+    with pytest.raises(ValueError, match=r"unknown strategy 'ewc'; choose one of \['inc_lora', 'l2_prev', 'multitask', 'n_lora', 'o_lora', 'procl', 'replay', 'seq_lora'\]"):
         make_strategy("ewc")
 
 

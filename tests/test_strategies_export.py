@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import batch, run_task, tiny_llama
+from conftest import batch, run_task, tiny_llama, train_steps
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -18,7 +18,7 @@ from procl import model as memory
 from procl.checkpoint import load_strategy_state, save_strategy_state
 
 LORA = LoraSettings(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-BASELINES = ["seq_lora", "inc_lora", "o_lora", "replay", "multitask"]
+BASELINES = ["seq_lora", "inc_lora", "o_lora", "n_lora", "l2_prev", "replay", "multitask"]
 
 
 def strategy_named(name: str, **procl_options):
@@ -82,6 +82,50 @@ def test_o_lora_penalty_is_lambda1_sum_abs_a_new_a_old():
     for _, layer in memory.lora_layers(model, "task_1"):
         expected += (layer.lora_A["task_1"].weight @ layer.lora_A["task_0"].weight.T).abs().sum().item()
     assert strategy.extra_loss(model).item() == pytest.approx(0.5 * expected, rel=1e-5)
+
+
+def test_n_lora_penalty_is_l1_weight_sum_abs_of_the_new_tasks_update():
+    strategy = make_strategy("n_lora", lora=LORA, seed=0, l1_weight=0.25)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0, steps=1)
+    run_task(model, strategy, 1, steps=2)  # B of task_1 is no longer 0
+    strategy.before_task(model, 1)
+    expected = 0.0
+    for _, layer in memory.lora_layers(model, "task_1"):
+        update = layer.get_delta_weight("task_1")  # peft's own scaling * B A
+        assert torch.count_nonzero(update) > 0
+        expected += update.abs().sum().item()
+    assert strategy.extra_loss(model).item() == pytest.approx(0.25 * expected, rel=1e-5)
+
+
+def test_l2_prev_pulls_toward_where_the_previous_task_left_the_factors(tmp_path):
+    strategy = make_strategy("l2_prev", lora=LORA, seed=0, l2_weight=0.5)
+    model = strategy.build(tiny_llama())
+    strategy.before_task(model, 0)
+    assert strategy.extra_loss(model) is None  # the first task trains unpulled
+    run_task(model, strategy, 0, steps=2)
+    previous = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    strategy.before_task(model, 1)
+    assert strategy.extra_loss(model).item() == 0.0
+    train_steps(model, strategy, 3, seed=11)
+    drift = sum((p.detach() - previous[name]).pow(2).sum().item() for name, p in model.named_parameters() if name in previous)
+    assert drift > 0 and strategy.extra_loss(model).item() == pytest.approx(0.5 * drift, rel=1e-5)
+
+    save_strategy_state(strategy, model, tmp_path / "state")  # mid-task: the anchor survives a restart
+    restored = make_strategy("l2_prev", lora=LORA, seed=0, l2_weight=0.5)
+    fresh = restored.build(tiny_llama())
+    load_strategy_state(restored, fresh, tmp_path / "state")
+    assert restored.extra_loss(fresh).item() == pytest.approx(0.5 * drift, rel=1e-5)
+
+    def drift_after_task(weight: float) -> float:
+        pulled = make_strategy("l2_prev", lora=LORA, seed=0, l2_weight=weight)
+        trained = pulled.build(tiny_llama())
+        run_task(trained, pulled, 0, steps=2)
+        start = {name: p.detach().clone() for name, p in trained.named_parameters() if p.requires_grad}
+        run_task(trained, pulled, 1, steps=4)
+        return sum((p.detach() - start[name]).pow(2).sum().item() for name, p in trained.named_parameters() if name in start)
+
+    assert drift_after_task(50.0) < 0.5 * drift_after_task(0.0)
 
 
 def test_replay_mixes_a_seeded_buffer_of_earlier_examples():

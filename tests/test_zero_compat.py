@@ -146,7 +146,7 @@ def test_every_strategy_under_every_zero_stage(tmp_path):
     failing = {cell: outcome for cell, outcome in outcomes.items() if outcome.startswith("fails")}
     assert not failing, failing
     refused = sorted(cell for cell, outcome in outcomes.items() if outcome.startswith("refused"))
-    assert refused == ["o_lora z3", "o_lora z3 offload"]
+    assert refused == ["l2_prev z3", "l2_prev z3 offload", "n_lora z3", "n_lora z3 offload", "o_lora z3", "o_lora z3 offload"]
 
 
 def test_offload_without_zero_is_refused_before_training():
