@@ -46,8 +46,8 @@ STRATEGIES = ["seq_lora", "inc_lora", "o_lora", "replay", "procl", "multitask"]
 ORDERS = ["order1", "order2", "order3"]
 
 
-def resized_stream(out: Path, train: int, validation: int, test: int) -> Path:
-    spec = yaml.safe_load((ROOT / "configs" / "streams" / "standard.yaml").read_text())
+def resized_stream(source: Path, out: Path, train: int, validation: int, test: int) -> Path:
+    spec = yaml.safe_load(source.read_text())
     for task in spec["tasks"]:
         task["sizes"] = {"train": train, "validation": validation, "test": min(test, task["sizes"]["test"])}
     path = out / "stream.yaml"
@@ -68,6 +68,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="results folder (runs.jsonl; re-running resumes)")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
+    parser.add_argument("--stream", type=Path, default=ROOT / "configs" / "streams" / "standard.yaml",
+                        help="the stream to resize and run (its tasks and orders)")
     parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
     parser.add_argument("--orders", nargs="+", default=ORDERS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -75,6 +77,10 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=16)
     parser.add_argument("--test", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--zero-shot", type=Path, metavar="FILE",
+                        help="zero-shot rows shared with other folders of the same model, stream and sizes (JSON by order and "
+                             "seed; read, and written for what this run scores): cl_comparison.py's folders differ only in "
+                             "strategy and lr, which the zero-shot row does not see")
     parser.add_argument("--quick", action="store_true", help="tiny Llama, order1, seed 0, 16/4/8 examples: checks the script")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config overrides for every run, e.g. strategy.procl.tau=0.5")
@@ -87,12 +93,14 @@ def main() -> None:
     # config contents (the resolved config, so an edit of the config file counts too)
     resolved = load_config(args.config, args.overrides).model_dump(mode="json", exclude={"run_name", "output_dir", "tracking", "ray"})
     settings = {"config": resolved, "sizes": [args.train, args.validation, args.test], "overrides": args.overrides}
+    if args.stream.resolve() != (ROOT / "configs" / "streams" / "standard.yaml").resolve():
+        settings["stream"] = yaml.safe_load(args.stream.read_text())  # (folders written before --stream had the standard one)
     settings_file = args.out / "settings.json"
     if settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise SystemExit(f"error: {args.out} holds results of other settings (see {settings_file}: config, sizes or overrides "
                          "differ); use another --out")
     settings_file.write_text(json.dumps(settings))
-    stream = resized_stream(args.out, args.train, args.validation, args.test)
+    stream = resized_stream(args.stream, args.out, args.train, args.validation, args.test)
     results_file = args.out / "runs.jsonl"
     done = {(r["strategy"], r["order"], r["seed"]): r for r in map(json.loads, results_file.read_text().splitlines())} \
         if results_file.exists() else {}
@@ -101,9 +109,15 @@ def main() -> None:
     # one worker's batches: the bare loop's optimizer step is num_workers x batch_size rows
     common = [f"stream.path={stream}", "scaling.num_workers=1", f"output_dir={args.out}", f"tracking.uri={tracking_uri}", *args.overrides]
     started = time.time()
+    # what the zero-shot row depends on: a shared file written under other settings is refused
+    scored_with = {"model": resolved["model"], "evaluation": resolved["evaluation"], "max_length": resolved["training"]["max_length"],
+                   "sizes": settings["sizes"], "stream": yaml.safe_load(args.stream.read_text())}
+    shared = json.loads(args.zero_shot.read_text()) if args.zero_shot and args.zero_shot.exists() else {"scored_with": scored_with}
+    if shared["scored_with"] != scored_with:
+        raise SystemExit(f"error: {args.zero_shot} holds zero-shot rows of another model, stream, sizes or scoring; use another file")
     for order in args.orders:
         for seed in args.seeds:
-            zero_shot = None
+            zero_shot = shared.get(f"{order}/seed{seed}")  # None when not shared
             for name in args.strategies:
                 if (name, order, seed) in done:
                     zero_shot = done[(name, order, seed)]["zero_shot"]
@@ -114,6 +128,9 @@ def main() -> None:
                 run_started = time.time()
                 result = run_bare(config, tasks, args.threads, config.run_dir(), zero_shot=zero_shot)
                 zero_shot = result["zero_shot"]
+                if args.zero_shot and f"{order}/seed{seed}" not in shared:
+                    shared[f"{order}/seed{seed}"] = zero_shot
+                    args.zero_shot.write_text(json.dumps(shared))
                 log_recorded_chain(config, result["manifest"], tracking_uri)
                 record = {"strategy": name, "order": order, "seed": seed, "tasks": [t.name for t in tasks],
                           "matrix": result["matrix"], "validation_matrix": result["validation_matrix"], "zero_shot": zero_shot,

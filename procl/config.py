@@ -51,6 +51,14 @@ class ProCLConfig(BaseModel):
         what a task learns is kept (docs/METHOD.md, "Residual formulation").
       - "reference": the literal formulation of the released code (row-block programs mixed by
         attention, gamma-gated W0, EMA consolidation toward the executing factor).
+    routing (residual): how each input's slot plasticity rho is chosen (docs/METHOD.md, "Routing variants").
+      - "learned" (default): rho = m / max m over the gated attention m; the top slot is always fully
+        plastic, from the second task on; protection acts on the attention.
+      - "budgeted": rho = min(1, k * m), so an input keeps at most k slots' worth of plasticity
+        whatever the loss prefers; routes from the first task on, so its usage is recorded and the
+        second task already protects it; protection acts on rho.
+      - "fixed": no routing (the control): rho = 1 for one slot per layer, drawn at random per task,
+        and the constant c for the others. Consolidation without input-conditioned attention.
     routed_factors: which factors of each LoRA layer are routed (residual); "A" or "B" leaves the
       other factor to train as plain LoRA, an ablation of where program memory acts.
     reference_mlp: the released code also wraps each replaced factor's output in a freshly
@@ -76,6 +84,17 @@ class ProCLConfig(BaseModel):
         ge=0,
         description="residual only: weight of the loss that steers routing away from slots earlier tasks kept.",
     )
+    routing: Literal["learned", "budgeted", "fixed"] = "learned"
+    plasticity_budget: float = Field(
+        1.0, gt=0, description="routing='budgeted' only: k, the slots' worth of plasticity an input may keep (0 < k < num_slots)."
+    )
+    fixed_plasticity: float = Field(
+        0.85,
+        ge=0,
+        lt=1,
+        description="routing='fixed' only: c, the plasticity of every slot but the top one, in [0, 1) "
+        "(0.85 is about what learned routing keeps in its non-top slots at lr 1e-3, docs/RESULTS.md).",
+    )
     routed_factors: Literal["both", "A", "B"] = Field(
         "both",
         description="residual only: which LoRA factors are program memory; an unrouted factor trains as plain LoRA "
@@ -89,7 +108,19 @@ class ProCLConfig(BaseModel):
             raise ValueError("reference_mlp=True needs formulation='reference' (it reproduces the released code)")
         if self.routed_factors != "both" and self.formulation != "residual":
             raise ValueError("routed_factors applies to formulation='residual' only (the reference formulation routes both)")
+        if self.routing != "learned" and self.formulation != "residual":
+            raise ValueError(f"routing={self.routing!r} applies to formulation='residual' only (the reference formulation has its own)")
+        if self.routing == "budgeted" and self.plasticity_budget >= self.num_slots:
+            raise ValueError(
+                f"plasticity_budget={self.plasticity_budget} must be below num_slots={self.num_slots}: "
+                "a budget of N slots or more lets every slot stay fully plastic"
+            )
         return self
+
+    @property
+    def routes_first_task(self) -> bool:
+        """Budgeted routing also routes task 1, so that what task 1 kept is known and protected."""
+        return self.routing == "budgeted"
 
     def check_divides(self, rows: int, what: str) -> None:
         """N must split `rows` into equal blocks; raise naming the parameter and the allowed values."""

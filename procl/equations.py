@@ -69,6 +69,24 @@ def slot_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor) -> torch
     return mass / mass.amax(dim=-1, keepdim=True)
 
 
+def budgeted_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor, budget: float) -> torch.Tensor:
+    """Budgeted: rho[b, n] = min(1, k * m[b, n] / sum_m' m[b, m']), m[b, n] = sigmoid(s_n) * a[b, n].  (B, N) -> (B, N).
+
+    sum_n rho[b, n] <= k < N: an input keeps at most k slots' worth of what a task writes, so the loss,
+    which wants every slot plastic, must choose which. The gates weigh slots against each other (a
+    per-slot prior on the attention), so they move the budget between slots but cannot enlarge it.
+    """
+    mass = torch.sigmoid(gate_logits)[None, :] * attention
+    return (budget * mass / mass.sum(dim=-1, keepdim=True)).clamp(max=1.0)
+
+
+def fixed_plasticity(top_slot: int, num_slots: int, constant: float) -> torch.Tensor:
+    """Fixed (the routing-off control): rho_n = 1 for the top slot, c for the others.  -> (N,)."""
+    rho = torch.full((num_slots,), float(constant))
+    rho[top_slot] = 1.0
+    return rho
+
+
 def expand_slots_to_rank(rho: torch.Tensor, rank: int) -> torch.Tensor:
     """Residual slot n owns rank rows/cols [n*r/N, (n+1)*r/N): (..., N) -> (..., r)."""
     return rho.repeat_interleave(rank // rho.shape[-1], dim=-1)
@@ -90,12 +108,13 @@ def consolidate(weight: torch.Tensor, executing: torch.Tensor, ema_lambda: float
     return (1.0 - ema_lambda) * weight + ema_lambda * executing.detach()
 
 
-def protection_loss(mean_attention: torch.Tensor, earlier_usage: torch.Tensor) -> torch.Tensor:
-    """Residual: L_protect = sum_n u_n * ā_n, u_n = how much earlier tasks kept in slot n (mean of their rho).
+def protection_loss(mean_routing: torch.Tensor, earlier_usage: torch.Tensor) -> torch.Tensor:
+    """Residual: L_protect = sum_n u_n * r̄_n, u_n = how much earlier tasks kept in slot n (mean of their rho).
 
-    Steers this task's routing (and so its plasticity) toward slots earlier tasks used least.
+    r̄ is the batch's mean attention ā (learned routing) or mean plasticity ρ̄ (budgeted: after the
+    gates, so they cannot undo it). Steers this task's plasticity toward slots earlier tasks used least.
     """
-    return (earlier_usage.to(mean_attention.dtype) * mean_attention).sum()
+    return (earlier_usage.to(mean_routing.dtype) * mean_routing).sum()
 
 
 def routing_entropy(probabilities: torch.Tensor) -> torch.Tensor:

@@ -72,38 +72,18 @@ class _RoutingStatistics(nn.Module):
         return self.task_sum / self.task_count.clamp_min(1)
 
 
-class ResidualRouter(_RoutingStatistics):
-    """One per LoRA layer (residual formulation): routes each input over N rank-block slots.
+class _ResidualRouting(_RoutingStatistics):
+    """What both residual routers record: [mean rho (N), mean attention (N), mean per-example entropy (1)]."""
 
-    Statistic layout: [mean rho (N), mean attention (N), mean per-example entropy (1)].
-    """
-
-    def __init__(self, d_in: int, config: ProCLConfig, earlier_usage: torch.Tensor | None) -> None:
-        n = config.num_slots
-        super().__init__(2 * n + 1)
-        self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
-        self.encoder = query_encoder(d_in, config.key_dim, 1)
-        # zero keys: routing starts exactly uniform, so no slot is favoured before the task speaks
-        self.keys = nn.Parameter(torch.zeros(1, n, config.key_dim))
-        self.gate_logits = nn.Parameter(torch.zeros(n))
-        usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
-        self.register_buffer("earlier_usage", usage)
-        self.last_mean_attention: torch.Tensor | None = None
+    def __init__(self, num_slots: int) -> None:
+        super().__init__(2 * num_slots + 1)
+        self.num_slots = num_slots
         self.last_rho: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """rho (B, N): per-input plasticity of each slot."""
-        queries = self.encoder(eq.token_mean(x)).reshape(-1, 1, self.key_dim)
-        attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
-        rho = eq.slot_plasticity(attention, self.gate_logits)
-        self.last_mean_attention = attention.mean(dim=0)
+    def _record(self, rho: torch.Tensor, attention: torch.Tensor) -> None:
         self.last_rho = rho
         entropy = eq.routing_entropy(attention).mean().reshape(1)
-        self.record(torch.cat([rho.mean(dim=0), self.last_mean_attention, entropy]))
-        return rho
-
-    def protection_loss(self) -> torch.Tensor:
-        return eq.protection_loss(self.last_mean_attention, self.earlier_usage)
+        self.record(torch.cat([rho.mean(dim=0), attention.mean(dim=0), entropy]))
 
     def mean_rho(self) -> torch.Tensor:
         return self.synced[: self.num_slots]
@@ -118,6 +98,53 @@ class ResidualRouter(_RoutingStatistics):
             "example_entropy": float(stat[2 * n]),
             "task_plasticity": self.task_mean()[:n].tolist(),
         }
+
+
+class ResidualRouter(_ResidualRouting):
+    """One per LoRA layer (residual formulation, learned or budgeted routing): routes each input over N rank-block slots."""
+
+    def __init__(self, d_in: int, config: ProCLConfig, earlier_usage: torch.Tensor | None) -> None:
+        n = config.num_slots
+        super().__init__(n)
+        self.key_dim, self.tau = config.key_dim, config.tau
+        self.budget = config.plasticity_budget if config.routing == "budgeted" else None
+        self.encoder = query_encoder(d_in, config.key_dim, 1)
+        # zero keys: routing starts exactly uniform, so no slot is favoured before the task speaks
+        self.keys = nn.Parameter(torch.zeros(1, n, config.key_dim))
+        self.gate_logits = nn.Parameter(torch.zeros(n))
+        usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
+        self.register_buffer("earlier_usage", usage)
+        self.last_mean_attention: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """rho (B, N): per-input plasticity of each slot."""
+        queries = self.encoder(eq.token_mean(x)).reshape(-1, 1, self.key_dim)
+        attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
+        if self.budget is None:
+            rho = eq.slot_plasticity(attention, self.gate_logits)
+        else:
+            rho = eq.budgeted_plasticity(attention, self.gate_logits, self.budget)
+        self.last_mean_attention = attention.mean(dim=0)
+        self._record(rho, attention)
+        return rho
+
+    def protection_loss(self) -> torch.Tensor:
+        # budgeted: on rho, after the gates; learned: on the attention (its rho is 1 at the top slot whatever)
+        routed = self.last_mean_attention if self.budget is None else self.last_rho.mean(dim=0)
+        return eq.protection_loss(routed, self.earlier_usage)
+
+
+class FixedRouter(_ResidualRouting):
+    """The routing-off control: the same rho for every input, 1 at one slot and c elsewhere; nothing to learn."""
+
+    def __init__(self, config: ProCLConfig, top_slot: int) -> None:
+        super().__init__(config.num_slots)
+        self.register_buffer("rho", eq.fixed_plasticity(top_slot, config.num_slots, config.fixed_plasticity))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rho = self.rho.expand(eq.token_mean(x).shape[0], -1)
+        self._record(rho, rho / rho.sum(dim=-1, keepdim=True))
+        return rho
 
 
 class ReferenceRouter(_RoutingStatistics):
@@ -191,7 +218,7 @@ class ProgramFactor(nn.Module):
         linear: nn.Linear,
         role: Role,
         config: ProCLConfig,
-        residual_router: ResidualRouter | None = None,
+        residual_router: _ResidualRouting | None = None,
         mlp: nn.Module | None = None,
     ) -> None:
         super().__init__()
@@ -210,7 +237,7 @@ class ProgramFactor(nn.Module):
         self.mlp = mlp
 
     @property
-    def residual_router(self) -> ResidualRouter | None:
+    def residual_router(self) -> _ResidualRouting | None:
         return self._residual_router[0]
 
     @property

@@ -106,3 +106,17 @@ def summary(matrix: Matrix) -> dict[str, float]:
         "forgetting": forgetting(matrix),
         "forward_transfer": forward_transfer(matrix),
     }
+
+
+def paired_bootstrap_interval(
+    differences: Sequence[float], confidence: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of paired differences (method − baseline, one per chain run by both)
+    and its percentile bootstrap interval, resampling the chains with replacement."""
+    values = np.asarray(differences, dtype=float)
+    if values.size == 0:
+        raise ValueError("paired_bootstrap_interval needs at least one paired difference")
+    draws = np.random.default_rng(seed).choice(values, size=(resamples, values.size), replace=True).mean(axis=1)
+    tail = (1.0 - confidence) / 2.0 * 100.0
+    low, high = np.percentile(draws, [tail, 100.0 - tail])
+    return float(values.mean()), float(low), float(high)

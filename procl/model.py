@@ -20,7 +20,7 @@ from torch import nn
 
 from procl.config import ProCLConfig
 from procl.distributed import all_reduce_mean
-from procl.layer import MLPFactor, ProgramFactor, ResidualRouter, reference_mlp
+from procl.layer import FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, reference_mlp
 
 ROUTER_ATTRIBUTE = "procl_router"
 
@@ -47,10 +47,12 @@ def attach_program_memory(
     config: ProCLConfig,
     adapter_name: str = "default",
     earlier_usage: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """Turn every LoRA factor of `adapter_name` into program memory for one task; returns the layer paths.
 
     earlier_usage: per layer path, how much earlier tasks kept in each slot (residual protection).
+    seed: draws each layer's top slot under routing="fixed" (the same on every rank).
     Raises ValueError naming the layer when N does not divide the rank (residual) or a factor's rows (reference).
     """
     if is_attached(model):
@@ -65,13 +67,16 @@ def attach_program_memory(
         else:
             config.check_divides(lora_a.out_features, f"the rows of LoRA factor A (rank) of {path}")
             config.check_divides(lora_b.out_features, f"the rows of LoRA factor B (d_out) of {path}")
-    for path, layer in layers:
+    top_slots = torch.randint(config.num_slots, (len(layers),), generator=torch.Generator().manual_seed(seed)).tolist()
+    for (path, layer), top_slot in zip(layers, top_slots):
         lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         device = lora_a.weight.device
         router = None
         if config.formulation == "residual":
-            usage = (earlier_usage or {}).get(path)
-            router = ResidualRouter(lora_a.in_features, config, usage).to(device)
+            if config.routing == "fixed":
+                router = FixedRouter(config, top_slot).to(device)
+            else:
+                router = ResidualRouter(lora_a.in_features, config, (earlier_usage or {}).get(path)).to(device)
             setattr(layer, ROUTER_ATTRIBUTE, router)
         mlps = {"A": None, "B": None}
         if config.reference_mlp:

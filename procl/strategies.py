@@ -346,7 +346,7 @@ class L2Prev(ContinualStrategy):
 
 
 class ProCL(ContinualStrategy):
-    """ProCL: plain LoRA on task 1, program memory with consolidation from task 2 on (docs/METHOD.md)."""
+    """ProCL: program memory with consolidation from task 2 on (from task 1 with budgeted routing); docs/METHOD.md."""
 
     name = "procl"
 
@@ -363,8 +363,8 @@ class ProCL(ContinualStrategy):
     def before_task(self, model: PeftModel, task_index: int) -> None:
         super().before_task(model, task_index)
         self.steps_since_consolidation = 0
-        if task_index > 0:
-            memory.attach_program_memory(model, self.config, DEFAULT_ADAPTER, self.slot_usage)
+        if task_index > 0 or self.config.routes_first_task:
+            memory.attach_program_memory(model, self.config, DEFAULT_ADAPTER, self.slot_usage, seed=self.seed * 1009 + task_index)
 
     def param_groups(self, model: nn.Module, lr: float) -> list[dict[str, Any]]:
         routing = memory.routing_parameters(model)

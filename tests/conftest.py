@@ -70,19 +70,23 @@ def batch(seed: int, size: int = 4, length: int = 12, offset: int = 0) -> torch.
     return torch.randint(offset, offset + VOCAB // 2, (size, length), generator=generator)
 
 
-def train_steps(model, strategy, steps: int, seed: int, lr: float = 1e-2, offset: int = 0) -> list[float]:
-    """A minimal loop through the strategy hooks, as the pipeline's worker loop runs them."""
+def train_steps(
+    model, strategy, steps: int, seed: int, lr: float = 1e-2, offset: int = 0, batches: list | None = None, clip: float | None = None
+) -> list[float]:
+    """A minimal loop through the strategy hooks, as the pipeline's worker loop runs them (on `batches` when given)."""
     model.train()
     optimizer = torch.optim.AdamW(strategy.param_groups(model, lr), weight_decay=0.0)
     losses = []
     for step in range(steps):
-        ids = batch(seed * 1000 + step, offset=offset)
+        ids = batch(seed * 1000 + step, offset=offset) if batches is None else batches[step]
         loss = model(input_ids=ids, labels=ids).loss
         extra = strategy.extra_loss(model)
         if extra is not None:
             loss = loss + extra
         optimizer.zero_grad()
         loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
         optimizer.step()
         strategy.after_optimizer_step(model)
         losses.append(loss.item())
@@ -100,3 +104,25 @@ def run_task(model, strategy, task_index: int, steps: int = 4, lr: float = 1e-2)
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+def rank_batch(task_index: int, rank: int, step: int) -> torch.Tensor:
+    """The batch rank `rank` trains on at `step` of task `task_index` in the two-rank tests: each rank its own data."""
+    return batch(seed=100 * task_index + 10 * rank + step, offset=rank * 32)
+
+
+def one_process_procl_chain(procl_config, tasks: int, steps: int, clip: float | None = None) -> dict[str, torch.Tensor]:
+    """The two-rank ProCL chains in one process, each step on both ranks' batches at once: what data
+    parallelism computes (per-example routing, gradients averaged over equal-size batches). Routers are
+    seeded with `torch.manual_seed(task)` before each task, as the two-rank workers do. Returns the LoRA weights."""
+    from procl import LoraSettings, make_strategy
+
+    strategy = make_strategy("procl", lora=LoraSettings(r=8), seed=0, procl=procl_config)
+    model = strategy.build(tiny_llama())
+    for task in range(tasks):
+        torch.manual_seed(task)
+        strategy.before_task(model, task)
+        both = [torch.cat([rank_batch(task, rank, step) for rank in (0, 1)]) for step in range(steps)]
+        train_steps(model, strategy, steps, seed=0, batches=both, clip=clip)
+        strategy.after_task(model, task, [])
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}

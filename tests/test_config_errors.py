@@ -19,6 +19,10 @@ from procl import LoraSettings, ProCLConfig, make_strategy
         ({"formulation": "mlp"}, "formulation"),
         ({"unknown_knob": 1}, "unknown_knob"),
         ({"reference_mlp": True}, "reference_mlp"),
+        ({"routing": "top2"}, "routing"),
+        ({"routing": "budgeted", "num_slots": 4, "plasticity_budget": 4.0}, "plasticity_budget=4.0 must be below num_slots=4"),
+        ({"routing": "fixed", "formulation": "reference"}, "routing='fixed' applies to formulation='residual' only"),
+        ({"fixed_plasticity": 1.0}, "fixed_plasticity"),
     ],
 )
 def test_invalid_procl_settings_name_the_field(options, field):

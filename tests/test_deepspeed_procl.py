@@ -2,8 +2,9 @@
 
 Each task runs as the pipeline's workers will: build a fresh model, restore the previous task's
 state, attach program memory, `deepspeed.initialize`, train with consolidation after every step,
-fold/detach, save the state. Both ranks must end with identical adapters, and the saved state must
-export to a plain peft adapter that reproduces the model.
+fold/detach, save the state. Both ranks must end with identical adapters, equal (in fp32) to one process
+training on both ranks' batches, and the saved state must export to a plain peft adapter that
+reproduces the model.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import batch, free_port, init_deepspeed_gloo, rank_env, tiny_llama
+from conftest import batch, free_port, init_deepspeed_gloo, one_process_procl_chain, rank_batch, rank_env, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -21,15 +22,15 @@ from procl import LoraSettings, ProCLConfig, make_strategy
 from procl import model as memory
 from procl.checkpoint import TENSORS_FILE, load_strategy_state, save_strategy_state
 
-TASKS, STEPS = 3, 5
+TASKS, STEPS, CLIP = 3, 5, 1.0
 
 
 
-def _new_strategy(formulation: str):
-    return make_strategy("procl", lora=LoraSettings(r=8), seed=0, procl=ProCLConfig(formulation=formulation))
+def _new_strategy(procl: ProCLConfig):
+    return make_strategy("procl", lora=LoraSettings(r=8), seed=0, procl=procl)
 
 
-def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, formulation: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, procl: ProCLConfig) -> None:
     os.environ.update(rank_env(rank, 2, port))
     deepspeed = init_deepspeed_gloo()
     state_dir = os.path.join(out_dir, f"rank{rank}")
@@ -37,20 +38,21 @@ def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, formulat
         "train_micro_batch_size_per_gpu": 4,
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": bf16},
-        "gradient_clipping": 1.0,
+        "gradient_clipping": CLIP,
     }
     for task in range(TASKS):
-        strategy = _new_strategy(formulation)
+        strategy = _new_strategy(procl)
         model = strategy.build(tiny_llama())
         if task > 0:
             load_strategy_state(strategy, model, state_dir)
+        torch.manual_seed(task)  # the routers' initialisation, as in one_process_procl_chain
         strategy.before_task(model, task)
-        assert memory.is_attached(model) == (task > 0)
-        optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-2))
+        assert memory.is_attached(model) == (task > 0 or procl.routes_first_task)
+        optimizer = torch.optim.AdamW(strategy.param_groups(model, 1e-2), weight_decay=0.0)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         engine.train()
         for step in range(STEPS):
-            ids = batch(seed=100 * task + 10 * rank + step, offset=rank * 32)  # each rank its own data
+            ids = rank_batch(task, rank, step)
             loss = engine(input_ids=ids, labels=ids).loss
             extra = strategy.extra_loss(model)
             engine.backward(loss if extra is None else loss + extra)
@@ -62,17 +64,30 @@ def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, formulat
 
 
 @pytest.mark.parametrize(
-    "stage, bf16, formulation",
-    [(2, False, "residual"), (3, True, "residual"), (3, False, "reference")],
+    "stage, bf16, formulation, routing",
+    [
+        (2, False, "residual", "learned"),
+        (3, True, "residual", "learned"),
+        (3, False, "reference", "learned"),
+        (2, False, "residual", "budgeted"),
+        (3, True, "residual", "fixed"),
+    ],
 )
-def test_procl_chain_under_deepspeed_zero_keeps_ranks_identical_and_exports(stage, bf16, formulation, tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), stage, bf16, formulation), nprocs=2, join=True)
+def test_procl_chain_under_deepspeed_zero_keeps_ranks_identical_and_exports(stage, bf16, formulation, routing, tmp_path):
+    procl = ProCLConfig(formulation=formulation, routing=routing)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), stage, bf16, procl), nprocs=2, join=True)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}" / TENSORS_FILE)) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     for key in rank0:
         torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0, msg=key)
+    if formulation == "residual" and not bf16:  # per-example routing in fp32: one process computes the same
+        expected = one_process_procl_chain(procl, TASKS, STEPS, clip=CLIP)
+        lora = [k for k in rank0 if k in expected]
+        assert len(lora) == len(expected)
+        for key in lora:
+            torch.testing.assert_close(rank0[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
 
-    strategy = _new_strategy(formulation)
+    strategy = _new_strategy(procl)
     model = strategy.build(tiny_llama())
     untrained = {k: v.clone() for k, v in model.state_dict().items() if "lora_B" in k}
     load_strategy_state(strategy, model, tmp_path / "rank0")

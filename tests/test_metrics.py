@@ -68,3 +68,15 @@ def test_summary_has_every_metric():
 def test_bad_matrices_are_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         metrics.average_accuracy(bad)
+
+
+def test_paired_bootstrap_interval_brackets_the_mean_and_excludes_zero_only_for_a_consistent_gain():
+    consistent = [0.04, 0.05, 0.03, 0.06, 0.04, 0.05]
+    mean, low, high = metrics.paired_bootstrap_interval(consistent)
+    assert mean == pytest.approx(0.045) and 0.03 <= low < mean < high <= 0.06
+    mixed = [0.10, -0.08, 0.02, -0.05, 0.07, -0.06]
+    _, low, high = metrics.paired_bootstrap_interval(mixed)
+    assert low < 0 < high
+    assert metrics.paired_bootstrap_interval([0.02]) == (0.02, 0.02, 0.02)  # one chain: no spread to resample
+    with pytest.raises(ValueError, match="at least one paired difference"):
+        metrics.paired_bootstrap_interval([])

@@ -19,11 +19,14 @@ from procl.checkpoint import load_strategy_state, save_strategy_state
 
 LORA = LoraSettings(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
 BASELINES = ["seq_lora", "inc_lora", "o_lora", "n_lora", "l2_prev", "replay", "multitask"]
+PROCL_ROUTINGS = ["procl", "procl-budgeted", "procl-fixed"]  # procl-<routing>: ProCL with that routing
 
 
 def strategy_named(name: str, **procl_options):
-    if name == "procl":
-        return make_strategy(name, lora=LORA, seed=0, procl=ProCLConfig(**procl_options))
+    if name.startswith("procl"):
+        if "-" in name:
+            procl_options["routing"] = name.split("-", 1)[1]
+        return make_strategy("procl", lora=LORA, seed=0, procl=ProCLConfig(**procl_options))
     return make_strategy(name, lora=LORA, seed=0)
 
 
@@ -34,7 +37,7 @@ def merged_logits_from_export(directory, ids) -> torch.Tensor:
         return merged(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("name", BASELINES + ["procl"])
+@pytest.mark.parametrize("name", BASELINES + PROCL_ROUTINGS)
 def test_strategy_trains_and_exports_a_plain_lora_equal_to_its_eval_model(name, tmp_path):
     strategy = strategy_named(name)
     model = strategy.build(tiny_llama())
@@ -216,7 +219,7 @@ def test_exported_procl_adapter_loads_in_vanilla_peft_without_procl(tmp_path):
     assert "vanilla-peft-ok" in result.stdout
 
 
-@pytest.mark.parametrize("name", BASELINES + ["procl"])
+@pytest.mark.parametrize("name", BASELINES + PROCL_ROUTINGS)
 def test_state_round_trip_between_tasks_and_mid_task(name, tmp_path):
     strategy = strategy_named(name)
     model = strategy.build(tiny_llama())
@@ -231,9 +234,11 @@ def test_state_round_trip_between_tasks_and_mid_task(name, tmp_path):
     fresh = restored.build(tiny_llama(seed=0))
     load_strategy_state(restored, fresh, tmp_path / "state")
     assert restored.task_index == 2 and restored.in_task
-    assert memory.is_attached(fresh) == (name == "procl")
+    assert memory.is_attached(fresh) == name.startswith("procl")
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, expected, rtol=0, atol=0)
+        if name.startswith("procl"):  # the routing too: the same rho for the same input (fixed: the same top slots)
+            torch.testing.assert_close(fresh.train()(input_ids=ids).logits, model.train()(input_ids=ids).logits, rtol=0, atol=0)
     assert sorted(restored.state(fresh)[0]) == sorted(strategy.state(model)[0])
 
 
