@@ -275,7 +275,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
     from pipeline.preprocess import TokenizeBatch, TrimPadding
     from procl import make_strategy, metrics
-    from procl.checkpoint import TENSORS_FILE, save_strategy_state, sha256_file
+    from procl.checkpoint import recorded_sha256, save_strategy_state
 
     torch.set_num_threads(threads)
     config = config.on_device("cpu")  # precision settled as the workers settle it
@@ -301,7 +301,6 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
     plain_lora = config.exports_plain_lora()
-    rows_matrix, validation_rows = [], []
     per_task = []
     for index, task in enumerate(tasks):
         task_start = time.time()
@@ -352,12 +351,10 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         t = time.time()
         scores = evaluate(model, tasks[: index + 1])
         eval_s = time.time() - t
-        rows_matrix.append([scores["test"].get(other.name, math.nan) for other in tasks])
-        validation_rows.append([scores["validation"].get(other.name, math.nan) for other in tasks])
         task_s = time.time() - task_start
         per_task.append({"task": task.name, "tokenize_s": tokenize_s, "train_s": train_s, "eval_s": eval_s, "steps": steps,
                          "task_s": task_s, "test": scores["test"]})
-        manifest.record(TaskRecord(index, task.name, str(state_dir), sha256_file(state_dir / TENSORS_FILE), scores["test"],
+        manifest.record(TaskRecord(index, task.name, str(state_dir), recorded_sha256(state_dir), scores["test"],
                                    scores["validation"], losses, seconds={"task": task_s, "evaluate": eval_s, "train": task_s - eval_s},
                                    ended_at=time.time(), train_examples=len(examples)))
 
@@ -368,8 +365,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     export_s = time.time() - t
     manifest.save(out_dir)
     total = time.time() - start
-    matrix = [[zero_shot["test"][task.name] for task in tasks]] + rows_matrix
-    validation_matrix = [[zero_shot["validation"][task.name] for task in tasks]] + validation_rows
+    matrix, validation_matrix = manifest.matrix("test"), manifest.matrix("validation")
     return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,
             "per_task": per_task, "matrix": matrix, "validation_matrix": validation_matrix, "zero_shot": zero_shot,
             "summary": metrics.summary(matrix), "task_slot_usage": getattr(strategy, "task_slot_usage", []), "manifest": manifest}

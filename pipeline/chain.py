@@ -31,7 +31,7 @@ from pipeline.ray_workers import quiet_ray_logs, verbose, local_worker_env
 from pipeline.run_lock import RunFolderLock
 from pipeline.streams import Task, check_answers_tokenize, load_stream, stream_order
 from procl import make_strategy, metrics
-from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
+from procl.checkpoint import META_FILE, recorded_sha256
 
 console = Console()
 
@@ -363,7 +363,7 @@ def _log_evaluation_share(tracker, manifest: Manifest) -> float:
 def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float], train_examples: int) -> TaskRecord:
     state_dir = Path(results["state_dir"])
     scores = results["scores"]
-    record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), sha256_file(state_dir / TENSORS_FILE),
+    record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), recorded_sha256(state_dir),
                         scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"],
                         memory=results["memory"], ended_at=time.time(), train_examples=train_examples)
     manifest.record(record)

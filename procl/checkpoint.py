@@ -51,6 +51,11 @@ def write_state(directory: str | Path, tensors: dict, meta: dict) -> Path:
     return directory
 
 
+def recorded_sha256(directory: str | Path) -> str:
+    """The sha256 of the tensor file that `write_state` recorded in the folder's metadata (no re-hash)."""
+    return json.loads((Path(directory) / META_FILE).read_text())["tensors_sha256"]
+
+
 def read_state(directory: str | Path) -> tuple[dict, dict]:
     """(tensors, metadata) of a state folder, verified against its recorded sha256."""
     directory = Path(directory)
