@@ -54,9 +54,10 @@ class ProCLConfig(BaseModel):
     routing (residual): how each input's slot plasticity rho is chosen (docs/METHOD.md, "Routing variants").
       - "learned" (default): rho = m / max m over the gated attention m; the top slot is always fully
         plastic, from the second task on; protection acts on the attention.
-      - "budgeted": rho = min(1, k * m), so an input keeps at most k slots' worth of plasticity
-        whatever the loss prefers; routes from the first task on, so its usage is recorded and the
-        second task already protects it; protection acts on rho.
+      - "budgeted": rho = 1 on the k slots of largest m and 0 elsewhere (straight-through gradient of
+        min(1, k m / sum m)), so an input writes into k slots whatever the loss prefers; routes from the
+        first task on, so its usage is recorded and the second task already protects it; protection
+        acts on rho.
       - "fixed": no routing (the control): rho = 1 for one slot per layer, drawn at random per task,
         and the constant c for the others. Consolidation without input-conditioned attention.
     routed_factors: which factors of each LoRA layer are routed (residual); "A" or "B" leaves the
@@ -85,8 +86,8 @@ class ProCLConfig(BaseModel):
         description="residual only: weight of the loss that steers routing away from slots earlier tasks kept.",
     )
     routing: Literal["learned", "budgeted", "fixed"] = "learned"
-    plasticity_budget: float = Field(
-        1.0, gt=0, description="routing='budgeted' only: k, the slots' worth of plasticity an input may keep (0 < k < num_slots)."
+    plasticity_budget: int = Field(
+        1, gt=0, description="routing='budgeted' only: k, the number of slots each input writes into (0 < k < num_slots)."
     )
     fixed_plasticity: float = Field(
         0.85,

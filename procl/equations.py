@@ -69,15 +69,21 @@ def slot_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor) -> torch
     return mass / mass.amax(dim=-1, keepdim=True)
 
 
-def budgeted_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor, budget: float) -> torch.Tensor:
-    """Budgeted: rho[b, n] = min(1, k * m[b, n] / sum_m' m[b, m']), m[b, n] = sigmoid(s_n) * a[b, n].  (B, N) -> (B, N).
+def budgeted_plasticity(attention: torch.Tensor, gate_logits: torch.Tensor, budget: int) -> torch.Tensor:
+    """Budgeted: rho[b] = 1 on the k slots of largest m[b, n] = sigmoid(s_n) * a[b, n], 0 elsewhere, in the forward
+    pass; the gradient is that of the soft budget min(1, k * m / sum_m' m) (a straight-through estimator).  (B, N) -> (B, N).
 
-    sum_n rho[b, n] <= k < N: an input keeps at most k slots' worth of what a task writes, so the loss,
-    which wants every slot plastic, must choose which. The gates weigh slots against each other (a
-    per-slot prior on the attention), so they move the budget between slots but cannot enlarge it.
+    sum_n rho[b, n] = k < N: an input writes into exactly k slots, so the loss, which wants every slot
+    plastic, must choose which. Hard values keep a chosen slot fully plastic from the first step (a soft
+    budget starts every slot at k / N, which consolidation pulls back by 1 - lambda (1 - k / N) per step,
+    and learned nothing in docs/RESULTS.md's probe). Ties go to the lower slot.
     """
     mass = torch.sigmoid(gate_logits)[None, :] * attention
-    return (budget * mass / mass.sum(dim=-1, keepdim=True)).clamp(max=1.0)
+    soft = (budget * mass / mass.sum(dim=-1, keepdim=True)).clamp(max=1.0)
+    order = torch.arange(mass.shape[-1], device=mass.device, dtype=mass.dtype)
+    chosen = (mass.detach() - 1e-6 * order).topk(budget, dim=-1).indices
+    hard = torch.zeros_like(mass).scatter(-1, chosen, 1.0)
+    return hard + (soft - soft.detach())  # exactly the hard values forward
 
 
 def fixed_plasticity(top_slot: int, num_slots: int, constant: float) -> torch.Tensor:

@@ -67,15 +67,23 @@ def test_slot_plasticity_is_capped_at_one_for_the_top_slot():
     torch.testing.assert_close(rho, torch.tensor([[1.0, 1 / 7, 1 / 7, 1 / 7], [1.0, 1.0, 1.0, 1.0]]))
 
 
-def test_budgeted_plasticity_spends_at_most_k_slots():
+def test_budgeted_plasticity_writes_exactly_k_slots_with_the_soft_budgets_gradient():
     torch.manual_seed(0)
-    attention = torch.randn(6, 4).softmax(-1)
-    for budget in (1.0, 2.0, 3.0):
-        rho = eq.budgeted_plasticity(attention, torch.randn(4), budget)
-        assert (rho <= 1).all() and (rho.sum(-1) <= budget + 1e-6).all()
-    # uniform attention and equal gates: every slot keeps k / N; one sharp slot is fully plastic
-    torch.testing.assert_close(eq.budgeted_plasticity(torch.full((1, 4), 0.25), torch.zeros(4), 2.0), torch.full((1, 4), 0.5))
-    torch.testing.assert_close(eq.budgeted_plasticity(torch.tensor([[1.0, 0, 0, 0]]), torch.zeros(4), 1.0), torch.tensor([[1.0, 0, 0, 0]]))
+    logits = torch.randn(6, 4, requires_grad=True)
+    gates = torch.randn(4)
+    for budget in (1, 2, 3):
+        rho = eq.budgeted_plasticity(logits.softmax(-1), gates, budget)
+        assert set(rho.detach().unique().tolist()) <= {0.0, 1.0} and (rho.detach().sum(-1) == budget).all()
+        mass = torch.sigmoid(gates) * logits.softmax(-1)
+        assert (rho.detach() * mass).sum(-1).allclose(mass.topk(budget, -1).values.sum(-1))  # the k largest m
+    # the gradient is the soft budget's, min(1, k m / sum m), through the values of the hard choice
+    rho = eq.budgeted_plasticity(logits.softmax(-1), gates, 2)
+    (grad,) = torch.autograd.grad((rho * torch.arange(4.0)).sum(), logits)
+    mass = torch.sigmoid(gates) * logits.softmax(-1)
+    (expected,) = torch.autograd.grad(((2 * mass / mass.sum(-1, keepdim=True)).clamp(max=1) * torch.arange(4.0)).sum(), logits)
+    torch.testing.assert_close(grad, expected)
+    # ties (uniform attention, equal gates) go to the lower slots
+    torch.testing.assert_close(eq.budgeted_plasticity(torch.full((1, 4), 0.25), torch.zeros(4), 2), torch.tensor([[1.0, 1, 0, 0]]))
 
 
 def test_fixed_routing_gives_every_input_the_same_rho_and_has_nothing_to_learn():
@@ -336,7 +344,7 @@ def test_budgeted_routing_routes_task_one_so_task_two_protects_it():
     for path, layer in memory.lora_layers(model):
         router = getattr(layer, memory.ROUTER_ATTRIBUTE)
         torch.testing.assert_close(router.earlier_usage, torch.tensor(strategy.task_slot_usage[0][path]))
-        assert router.earlier_usage.sum() < 1.0 + 1e-5  # task one spent at most its budget of k = 1 slot
+        assert router.earlier_usage.sum() == pytest.approx(1.0)  # task one wrote into k = 1 slot per input
     assert memory.protection_loss(model) is None  # no forward yet
     model.train()
     model(input_ids=batch(1))
