@@ -1,8 +1,8 @@
 """The comparison where forgetting happens: every method's lr chosen on validation, then its chains at that lr,
 and ProCL against each baseline as paired differences with bootstrap intervals.
 
-    nohup nice -n 19 .venv/bin/python benchmarks/cl_comparison.py --out runs/comparison > runs/comparison.log 2>&1 &  # resumable
-    .venv/bin/python benchmarks/cl_comparison.py --out runs/comparison --report     # the tables from what has finished
+    nohup nice -n 19 .venv/bin/python benchmarks/cl_comparison.py > runs/comparison.log 2>&1 &  # resumable
+    .venv/bin/python benchmarks/cl_comparison.py --report     # the tables from what has finished
     .venv/bin/python benchmarks/cl_comparison.py --out runs/clc-quick --quick       # tiny Llama, checks the script
 
 1. Selection: each method at every lr of --lrs on the first order and seed; the lr with the best final
@@ -10,9 +10,13 @@ and ProCL against each baseline as paired differences with bootstrap intervals.
 2. Chains: each method at its lr on every order x seed, one (order, seed) for all methods at a time, so that
    the paired comparison grows evenly when the run is stopped.
 Every (method, lr) is a cl_quality folder <out>/<method>/lr-<lr> (MLflow store, runs.jsonl; a re-run skips
-finished chains, so the same command continues after a stop). The report (also <out>/report.md) has the table
-(pipeline.report's format), the lr choices, and for each ProCL variant against each other method the paired
-difference over the chains both ran, mean and 95 % bootstrap interval, of final AA, BWT and forgetting.
+finished chains, so the same command continues after a stop). The default --out, benchmarks/results/comparison,
+is in the repository: its .gitignore keeps the small results (runs.jsonl, settings, zero-shot rows, lr choices,
+report) and drops the stores and checkpoints, so that a run spread over sessions on fresh checkouts is committed
+and continued. The first run pins its commit (<out>/commit.txt) and a run from another commit is refused: one
+table, one version of the code (continue from a worktree at that commit). The report (also <out>/report.md) has
+the table (pipeline.report's format), the lr choices, and for each ProCL variant against each other method the
+paired difference over the chains both ran, mean and 95 % bootstrap interval, of final AA, BWT and forgetting.
 """
 
 from __future__ import annotations
@@ -51,6 +55,20 @@ METHODS: dict[str, tuple[str, list[str]]] = {
 # the methods the table must have, the new ProCL variant and its closest comparisons first
 REQUIRED = ["procl_budgeted", "seq_lora", "procl", "procl_fixed", "l2_prev", "n_lora", "o_lora"]
 PAIRED_METRICS = {"average_accuracy": "AA", "backward_transfer": "BWT", "forgetting": "forgetting"}
+
+
+def pin_commit(out: Path) -> str:
+    """The commit every chain of `out` runs at: written by the first run, a later run from another commit is refused
+    (the data sampling, the method and the scoring all live in the code, and a table must come from one version)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    pinned = out / "commit.txt"
+    if not pinned.exists():
+        pinned.write_text(head + "\n")
+    elif pinned.read_text().strip() != head:
+        raise SystemExit(f"error: {out} holds chains run at commit {pinned.read_text().strip()}, this checkout is at {head}; "
+                         f"continue from that commit: git worktree add /tmp/cmp {pinned.read_text().strip()}, and run "
+                         f"benchmarks/cl_comparison.py --out {out} from there")
+    return head
 
 
 def folder(out: Path, method: str, lr: float) -> Path:
@@ -133,7 +151,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "comparison")
     parser.add_argument("--methods", nargs="+", default=REQUIRED, choices=sorted(METHODS))
     parser.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3])
     parser.add_argument("--orders", nargs="+", default=["order1", "order2", "order3"], help="the first is the selection order")
@@ -154,6 +172,7 @@ def main() -> None:
         args.overrides = [*args.overrides, "model.name=tiny-llama"]
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report:
+        pin_commit(args.out)
         for method in args.methods:  # 1. selection
             for lr in args.lrs:
                 run_chains(args, method, lr, args.orders[:1], args.seeds[:1])

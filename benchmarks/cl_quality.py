@@ -11,7 +11,7 @@ table fits on a 2-core CPU. Every strategy gets the same config (configs/demo.ya
 settings, learning rate, steps) — no method is tuned on test data; the zero-shot row is scored once
 per order and seed and shared. Each finished chain is logged, as the pipeline logs its chains, to the
 MLflow store `<out>/mlflow.db` (run `<strategy>-<order>-seed<seed>`, its folder `<out>/<run name>/`) and
-appended to `<out>/runs.jsonl` (timings, ProCL's sorted slot plasticity); a re-run skips chains already
+appended to `<out>/runs.jsonl` (timings, CPU and precision, ProCL's sorted slot plasticity); a re-run skips chains already
 there (the run is resumable). Prints `procl report <out>`'s table, read back from the store (mean +- std
 over orders and seeds of AA, LA, BWT and forgetting, test and validation), and one JSON line last.
 """
@@ -38,6 +38,7 @@ from pipeline_overhead import run_bare  # noqa: E402
 
 from pipeline.chain import log_recorded_chain, select_tasks  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
+from pipeline.hardware import cpu_name  # noqa: E402
 from pipeline.mlflow_store import default_tracking_uri  # noqa: E402
 from pipeline.report import SUMMARY, markdown, read_chains  # noqa: E402
 from procl import metrics  # noqa: E402
@@ -136,7 +137,9 @@ def main() -> None:
                           "matrix": result["matrix"], "validation_matrix": result["validation_matrix"], "zero_shot": zero_shot,
                           "seconds": round(time.time() - run_started, 1),
                           "train_s": round(sum(t["train_s"] for t in result["per_task"]), 1),
-                          "eval_s": round(result["zero_shot_s"] + sum(t["eval_s"] for t in result["per_task"]), 1)}
+                          "eval_s": round(result["zero_shot_s"] + sum(t["eval_s"] for t in result["per_task"]), 1),
+                          # precision "auto" follows the CPU, which changes between sessions of a long run
+                          "cpu": cpu_name(), "bf16": config.on_device("cpu").deepspeed.bf16}
                 if result["task_slot_usage"]:
                     record["sorted_plasticity"] = sorted_plasticity(result["task_slot_usage"])
                 with results_file.open("a") as out:
