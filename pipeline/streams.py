@@ -15,7 +15,8 @@ A stream file:
       order1: [dbpedia, amazon, yahoo, bbc]
 
 `load_stream(path, order)` returns the tasks of one order as `Task`s: instruction, metric, answer
-words, and train / validation / test records `{"text", "target"}`. Sampling is stratified and
+words, and train / validation / test records `{"text", "target"}`. Sampling (pipeline.sampling, Ray
+Data operations over the source, which never passes whole through the driver) is stratified and
 seeded; validation is always disjoint from test (and both from train) by content hash, and overlap
 found in a source's own splits is reported in `Task.report`. Sizes larger than the data are
 capped with a warning (and the cap is reported). Tuning and checkpoint selection must only read
@@ -24,19 +25,21 @@ capped with a warning (and the cap is reported). Tuning and checkpoint selection
 
 from __future__ import annotations
 
-import hashlib
-import random
+import os
 import re
-import warnings
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+import pyarrow
+import ray
+import ray.data
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline import sources
+from pipeline.ray_workers import start_ray
+from pipeline.sampling import Sample, SamplingError, blocks_for, sample_task
 from pipeline.prompts import format_prompt, target_continuation
 from pipeline.validation import validation_problems, yaml_problem
 
@@ -60,7 +63,10 @@ class BundledSource(_Strict):
 
 
 class FileSource(_Strict):
-    """Local jsonl / json / csv / tsv / parquet: one file (splits are made) or one file per split."""
+    """jsonl / json / csv / tsv / parquet read by Ray Data: one location (splits are made) or one per split.
+
+    A location is a file, a folder (its files of the format) or a glob; a local path (relative to the
+    stream file's folder) or a URI pyarrow opens (s3://bucket/prefix, gs://..., file:///...)."""
 
     type: Literal["file"]
     path: str | None = None
@@ -170,116 +176,65 @@ class Task:
         return [(format_prompt(self.instruction, r["text"]), target_continuation(r["target"])) for r in self.splits["train"]]
 
 
-def content_hash(text: str) -> str:
-    """Identity of an input for disjointness: case- and whitespace-insensitive."""
-    return hashlib.sha1(re.sub(r"\s+", " ", text).strip().lower().encode("utf-8")).hexdigest()
-
-
 def default_verbalizer(label: str) -> str:
     """'FilmFestival' -> 'film festival', 'exchange_charge' -> 'exchange charge', 'Sports' -> 'sports'."""
     words = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", label).replace("_", " ")
     return re.sub(r"\s+", " ", words).strip().lower()
 
 
-def _stratified_sample(records: list[dict], size: int, rng: random.Random) -> list[dict]:
-    """`size` records with class proportions kept (largest remainder), shuffled; all if fewer."""
-    if size >= len(records):
-        picked = list(records)
-    else:
-        by_label: dict[str, list[dict]] = defaultdict(list)
-        for record in records:
-            by_label[record["label"]].append(record)
-        labels = sorted(by_label)
-        exact = {label: size * len(by_label[label]) / len(records) for label in labels}
-        counts = {label: int(exact[label]) for label in labels}
-        for label in sorted(labels, key=lambda lb: (counts[lb] - exact[lb], lb))[: size - sum(counts.values())]:
-            counts[label] += 1
-        picked = [r for label in labels for r in rng.sample(by_label[label], counts[label])]
-    rng.shuffle(picked)
-    return picked
+def _location(path: str, base: Path) -> str:
+    """A stream's data path: a URI as written, a local path relative to the stream file's folder."""
+    return path if "://" in path else str(base / path)
 
 
-def _read_source(spec: TaskSpec, base: Path) -> sources.RawSplits:
+def _source_datasets(spec: TaskSpec, base: Path) -> tuple[dict[str, ray.data.Dataset], dict[str, tuple[str, str, str, str | None]]]:
+    """The source's splits as Datasets of {text, label}, and for each file-read split what `diagnose` needs."""
     source = spec.source
     if isinstance(source, BundledSource):
-        return sources.read_bundled(source.dataset)
+        raw = sources.read_bundled(source.dataset)
+        return {split: ray.data.from_items(rows, override_num_blocks=blocks_for(len(rows))) for split, rows in raw.items()}, {}
     if isinstance(source, FileSource):
-        if source.path is not None:
-            return {"train": sources.read_table(base / source.path, source.text_field, source.label_field, source.format)}
-        return {
-            split: sources.read_table(base / path, source.text_field, source.label_field, source.format)
-            for split, path in source.splits.items()
-        }
-    reader = sources.read_cl_benchmark if source.type == "cl_benchmark" else sources.read_trace
-    return reader(base / source.path)
+        files = {"train": source.path} if source.path is not None else dict(source.splits)
+        reads = {split: (_location(path, base), source.text_field, source.label_field, source.format) for split, path in files.items()}
+    else:
+        _, text_field, label_field = sources.FOLDER_LAYOUTS[source.type]
+        reads = {split: (str(path), text_field, label_field, "json")
+                 for split, path in sources.folder_split_files(base / source.path, source.type).items()}
+    return {split: sources.read_files(*read) for split, read in reads.items()}, reads
 
 
-def _dedupe(records: list[dict]) -> list[dict]:
-    seen: set[str] = set()
-    unique = []
-    for record in records:
-        key = content_hash(record["text"])
-        if key not in seen:
-            seen.add(key)
-            unique.append(record)
-    return unique
+def _sample(spec: TaskSpec, stream_seed: int, base: Path, where: str) -> Sample:
+    """The task's samples; a source that cannot be read fails naming its file and record."""
+    seed = str(spec.seed) if spec.seed is not None else f"{stream_seed}:{spec.name}"
+    reads: dict[str, tuple[str, str, str, str | None]] = {}
+    try:
+        datasets, reads = _source_datasets(spec, base)
+        return sample_task(datasets, spec.sizes.model_dump(), seed, stratified=spec.metric == "accuracy", classes=spec.classes,
+                           max_chars=spec.max_input_chars, where=where)
+    except sources.SourceError as error:
+        raise StreamError(f"{where}: {getattr(error, 'cause', None) or error}") from error
+    except SamplingError as error:
+        raise StreamError(str(error)) from error
+    except (ray.exceptions.RayTaskError, pyarrow.ArrowException) as error:
+        for read in reads.values():  # which file, which line
+            problem = sources.diagnose(*read)
+            if problem:
+                raise StreamError(f"{where}: {problem}") from error
+        cause = getattr(error, "cause", None) or error
+        raise StreamError(f"{where}: {', '.join(r[0] for r in reads.values()) or 'the source'} cannot be read "
+                          f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from error
 
 
 def build_task(spec: TaskSpec, stream_seed: int, base: Path) -> Task:
     """Read, filter, split disjointly, sample and verbalise one task."""
     where = f"task {spec.name!r}"
-    try:
-        raw = _read_source(spec, base)
-    except sources.SourceError as error:
-        raise StreamError(f"{where}: {error}") from error
-    rng = random.Random(spec.seed if spec.seed is not None else f"{stream_seed}:{spec.name}")
-    report: dict[str, object] = {}
-
-    raw = {split: _dedupe(records) for split, records in raw.items()}
-    if spec.max_input_chars:
-        raw = {s: [r | {"text": r["text"][: spec.max_input_chars]} for r in rs] for s, rs in raw.items()}
-    if spec.classes is not None:
-        counts: dict[str, int] = defaultdict(int)
-        for record in raw["train"]:
-            counts[record["label"]] += 1
-        kept = set(sorted(counts, key=lambda label: (-counts[label], label))[: spec.classes])
-        raw = {s: [r for r in rs if r["label"] in kept] for s, rs in raw.items()}
-
-    # Disjointness by content hash: test is fixed first, validation avoids test, train avoids both.
-    test_pool = raw.get("test", [])
-    validation_pool = raw.get("validation", [])
-    train_pool = raw["train"]
-    test_hashes = {content_hash(r["text"]) for r in test_pool}
-    overlap = [r for r in validation_pool if content_hash(r["text"]) in test_hashes]
-    if overlap:
-        report["source_validation_test_overlap"] = len(overlap)
-        warnings.warn(f"{where}: {len(overlap)} of the source's validation records are also in its test split; dropped from validation")
-        validation_pool = [r for r in validation_pool if content_hash(r["text"]) not in test_hashes]
-    held_out = test_hashes | {content_hash(r["text"]) for r in validation_pool}
-    train_overlap = sum(content_hash(r["text"]) in held_out for r in train_pool)
-    if train_overlap:
-        report["source_train_heldout_overlap"] = train_overlap
-    train_pool = [r for r in train_pool if content_hash(r["text"]) not in held_out]
-
-    # Splits the source does not ship are carved from train (stratified, with the task's seed).
-    sizes = spec.sizes
-    if not test_pool:
-        test_pool, train_pool = _carve(train_pool, sizes.test, rng)
-        report["test_made_from"] = "train"
-    if len(validation_pool) < sizes.validation:
-        extra, train_pool = _carve(train_pool, sizes.validation - len(validation_pool), rng)
-        validation_pool = validation_pool + extra
-        report["validation_made_from"] = "train" if not raw.get("validation") else "source validation + train"
-
-    splits = {}
-    for split, pool in (("train", train_pool), ("validation", validation_pool), ("test", test_pool)):
-        wanted = getattr(sizes, split)
-        if wanted > len(pool):
-            warnings.warn(f"{where}: sizes.{split}={wanted} is larger than the {len(pool)} records available; capped")
-            report[f"{split}_capped_to"] = len(pool)
-        splits[split] = _stratified_sample(pool, wanted, rng)
-        if not splits[split]:
-            raise StreamError(f"{where}: the {split} split is empty after filtering and sampling")
+    sample = _sample(spec, stream_seed, base, where)
+    splits, report = sample.splits, sample.report
+    if isinstance(spec.source, FolderSource) and spec.source.type == "cl_benchmark":
+        listed = sources.cl_benchmark_labels(base / spec.source.path)
+        unknown = sorted(sample.labels - listed) if listed is not None else []
+        if unknown:
+            raise StreamError(f"{where}: {base / spec.source.path}: labels {unknown[:5]} are not in labels.json")
 
     train_labels = {r["label"] for r in splits["train"]}
     if spec.metric == "accuracy":
@@ -290,8 +245,7 @@ def build_task(spec: TaskSpec, stream_seed: int, base: Path) -> Task:
         verbalizers = {label: default_verbalizer(label) for label in sorted(train_labels)} | {
             label: word for label, word in (spec.verbalizers or {}).items() if label in train_labels
         }
-        all_labels = {r["label"] for records in raw.values() for r in records}
-        unknown = sorted(set(spec.verbalizers or {}) - all_labels)
+        unknown = sorted(set(spec.verbalizers or {}) - sample.labels)
         if unknown and not spec.classes:
             raise StreamError(f"{where}: verbalizers name labels {unknown[:5]} that the data does not have")
         empty = sorted(label for label, word in verbalizers.items() if not word.strip())
@@ -309,13 +263,6 @@ def build_task(spec: TaskSpec, stream_seed: int, base: Path) -> Task:
     return Task(spec.name, spec.instruction, spec.metric, answers, mapped, report, spec.source.model_dump(exclude_none=True))
 
 
-def _carve(pool: list[dict], count: int, rng: random.Random) -> tuple[list[dict], list[dict]]:
-    """Take a stratified sample of `count` records out of `pool`: (taken, rest)."""
-    taken = _stratified_sample(pool, count, rng)
-    taken_ids = {id(r) for r in taken}
-    return taken, [r for r in pool if id(r) not in taken_ids]
-
-
 def stream_order(path: str | Path, order: str | None = None) -> tuple[StreamSpec, str]:
     """The stream of `path` and the name of its order `order` (its first order when None)."""
     spec = parse_stream(path)
@@ -326,9 +273,13 @@ def stream_order(path: str | Path, order: str | None = None) -> tuple[StreamSpec
 
 
 def load_stream(path: str | Path, order: str | None = None) -> list[Task]:
-    """The tasks of `order` (the first order when None), in that order."""
+    """The tasks of `order` (the first order when None), in that order.
+
+    Sampling runs on Ray Data: on the Ray this process has joined, else the one of RAY_ADDRESS, else a
+    fresh local one (`pipeline.chain.select_tasks` joins the chain's Ray first)."""
     path = Path(path)
     spec, order = stream_order(path, order)
+    start_ray(os.environ.get("RAY_ADDRESS"))
     by_name = {task.name: task for task in spec.tasks}
     return [build_task(by_name[name], spec.seed, path.parent) for name in spec.orders[order]]
 

@@ -1,6 +1,6 @@
 """The catalogue of bad input: each case goes through the real CLI (`pipeline.cli.main`) and must exit 2
-with one clear `error:` line that names what is wrong and where, before Ray starts or anything is
-written. The table in docs/RELIABILITY.md is generated from these cases (the test fails when it is out
+with one clear `error:` line that names what is wrong and where, before anything is written (and
+before Ray starts, except for problems in data files, which Ray Data reads). The table in docs/RELIABILITY.md is generated from these cases (the test fails when it is out
 of date); regenerate with `PROCL_WRITE_DOCS=1 .venv/bin/python -m pytest tests/test_bad_input.py`.
 """
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,7 +113,7 @@ CASES: list[tuple[str, str, Callable[[Path], list[str]], str]] = [
     ("data-bad-json", "data file with a broken line", _stream([_task({"type": "file", "path": "d.jsonl"})], data=("d.jsonl", JSONL + b"not json\n")),
      "d.jsonl:2: not valid JSON"),
     ("data-not-utf8", "data file that is not UTF-8", _stream([_task({"type": "file", "path": "d.jsonl"})], data=("d.jsonl", b'{"text": "caf\xe9", "label": "a"}\n')),
-     "d.jsonl: not UTF-8 text"),
+     "d.jsonl:1: not UTF-8 text"),
     ("data-no-text", "records without the text field", _stream([_task({"type": "file", "path": "d.jsonl"})], data=("d.jsonl", b'{"body": "x", "label": "a"}\n')),
      "record 0 has no field 'text'"),
     ("model-missing", "model folder does not exist", lambda tmp: ["plan", str(_config(tmp)), "--set", f"model.name={tmp / 'gone'}"], "does not exist"),
@@ -149,6 +151,17 @@ def test_bad_input_fails_clearly_before_anything_starts(case, what, setup, expec
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists() and not (tmp_path / "runs" / "sweeps").exists()
     shown = " ".join(a.replace(str(tmp_path), "<tmp>") for a in argv[:1] + argv[2:]) or argv[0]
     MEASURED[case] = (what, shown, error.removeprefix("error: ").replace(str(tmp_path), "<tmp>"))
+
+
+def test_a_data_file_error_is_one_line_in_a_process_of_its_own(tmp_path):
+    # Ray Data logs a failed read with its traceback on the console before raising it, through a handler set up
+    # once per process; in the cases above that process is pytest's, whose captured stderr the handler misses
+    _case, _what, setup, expected = next(c for c in CASES if c[0] == "data-bad-json")
+    result = subprocess.run([sys.executable, "-m", "pipeline", *setup(tmp_path)], capture_output=True, text=True, timeout=300,
+                            cwd=DOCS.parents[1], env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
 
 
 def render_table() -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.streams import StreamError, content_hash, default_verbalizer, load_stream, parse_stream
+from pipeline.sampling import content_hash
+from pipeline.streams import StreamError, default_verbalizer, load_stream, parse_stream
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "streams"
 
@@ -111,6 +112,31 @@ def test_splits_are_disjoint_stratified_and_seeded(tmp_path):
     assert not hashes["validation"] & hashes["test"]
     counts = Counter(r["target"] for r in first.splits["train"])
     assert counts == {"a": 40, "b": 20, "c": 20}
+
+
+def test_the_sample_does_not_depend_on_how_the_data_is_split_into_files(tmp_path):
+    """Ranks come from the seed and the content: one file, a folder of parts, a glob and parquet give one sample."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = records(120, labels=("a", "b", "c"))
+    write_jsonl(tmp_path / "whole.jsonl", rows)
+    (tmp_path / "parts").mkdir()
+    for part in range(3):  # reversed and interleaved: another order and other blocks than the whole file
+        write_jsonl(tmp_path / "parts" / f"part-{part}.jsonl", rows[::-1][part::3])
+    pq.write_table(pa.Table.from_pylist(rows[::2]), tmp_path / "half-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1::2]), tmp_path / "half-1.parquet")
+    tasks = [file_task("whole", "whole.jsonl", sizes=(30, 9, 12), seed=7), file_task("folder", "parts", sizes=(30, 9, 12), seed=7),
+             file_task("glob", "parts/part-*.jsonl", sizes=(30, 9, 12), seed=7),
+             file_task("parquet", "half-*.parquet", sizes=(30, 9, 12), seed=7)]
+    loaded = {task.name: task for task in load_stream(write_stream(tmp_path, tasks))}
+    as_sets = {name: {split: sorted(r["text"] for r in rs) for split, rs in task.splits.items()} for name, task in loaded.items()}
+    assert as_sets["folder"] == as_sets["whole"] and as_sets["glob"] == as_sets["whole"] and as_sets["parquet"] == as_sets["whole"]
+
+
+def test_a_location_that_matches_no_file_names_it(tmp_path):
+    with pytest.raises(StreamError, match=r"nothing\*\.jsonl: no .* files there"):
+        load_stream(write_stream(tmp_path, [file_task("t", "nothing*.jsonl")]))
 
 
 def test_duplicate_texts_across_source_splits_never_leak_into_train(tmp_path):
@@ -234,7 +260,7 @@ def test_unknown_order_lists_the_defined_ones(tmp_path):
     "setup, message",
     [
         (lambda d: None, r"task 't': .*missing.jsonl: file not found"),
-        (lambda d: (d / "missing.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "a"}\n'), r"missing.jsonl: not UTF-8 text"),
+        (lambda d: (d / "missing.jsonl").write_bytes(b'{"text": "caf\xe9", "label": "a"}\n'), r"missing.jsonl:1: not UTF-8 text"),
         (lambda d: write_jsonl(d / "missing.jsonl", [{"body": "x", "label": "a"}]), r"record 0 has no field 'text' \(fields: \['body', 'label'\]\)"),
         (lambda d: (d / "missing.jsonl").write_text('{"text": "x", "label": "a"}\nnot json\n'), r"missing.jsonl:2: not valid JSON"),
     ],
