@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from pipeline.evaluation import answered_correctly
 from pipeline.models import ModelSpec, load_model_and_tokenizer
@@ -14,15 +15,20 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_embedded_model_scores_yahoo_topics_above_chance_zero_shot(monkeypatch):
+def test_embedded_model_scores_yahoo_topics_above_chance_zero_shot(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name="smollm2-135m"))
-    yahoo = next(t for t in load_stream(ROOT / "configs" / "streams" / "topics.yaml", "order1") if t.name == "yahoo")
+    # the topics stream's yahoo task with 100 test questions: 32 left a 10-class accuracy to the luck of the draw
+    # (0.41 on one sample, 0.22 on another)
+    stream = yaml.safe_load((ROOT / "configs" / "streams" / "topics.yaml").read_text())
+    task = next(t for t in stream["tasks"] if t["name"] == "yahoo") | {"sizes": {"train": 48, "validation": 16, "test": 100}}
+    (tmp_path / "yahoo.yaml").write_text(yaml.safe_dump({"name": "yahoo", "seed": stream["seed"], "tasks": [task], "orders": {"main": ["yahoo"]}}))
+    [yahoo] = load_stream(tmp_path / "yahoo.yaml")
     assert len(yahoo.answers) == 10  # chance is 0.1
     with torch.inference_mode():
         correct = answered_correctly(model, tokenizer, yahoo.prompts("test"), yahoo.targets("test"), "accuracy", yahoo.answers, 16)
         accuracy = sum(correct) / len(correct)
-    assert accuracy >= 0.25, accuracy  # measured 0.41 on the 32 test questions
+    assert accuracy >= 0.2, accuracy  # twice chance; measured 0.29 (AMD EPYC, 2026-12-04)
 
 
 def test_scoring_follows_the_training_precision_and_bf16_agrees_with_fp32(monkeypatch):
