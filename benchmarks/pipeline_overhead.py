@@ -18,9 +18,10 @@ seen so far, after each task, plus the zero-shot row and the adapter export).
   scoring the same model with its adapters (as the pipeline's workers do).
 
 Where the pipeline's time goes is measured without touching the pipeline: the benchmark wraps
-driver-side calls (Ray init, Ray Data materialize, TorchTrainer.fit, MLflow logging) and, inside the
+driver-side calls (Ray init, the task datasets' set-up, TorchTrainer.fit, MLflow logging) and, inside the
 Ray Train workers (wrappers shipped with the job), DeepSpeed init_distributed, the base model's load
-(once per chain), the zero-shot scoring, each task's adapter attach, deepspeed.initialize, the waits for batches, after_task, scoring and reports,
+(once per chain), the zero-shot scoring, each task's adapter attach, deepspeed.initialize, the waits for batches
+(the tokenisation streams into them), after_task, scoring and reports,
 and the export. A task's pipeline time is the driver's: from the previous task's
 results (the start of training for the first) to this task's. Prints tables, then one JSON line (the last line).
 """
@@ -80,7 +81,7 @@ def make_timed_train_chain(log_path: str):
                     calls.append([name, current["task"], start, time.time() - start])
             return inner
 
-        original = {name: getattr(tw, name) for name in ("init_deepspeed", "load_base_model", "attach_strategy", "_report", "score",
+        original = {name: getattr(tw, name) for name in ("init_deepspeed", "load_base_model", "attach_strategy", "_report", "score", "task_shard",
                                                         "_report_export")}
 
         def timed_init_deepspeed(use_gpu):
@@ -116,8 +117,7 @@ def make_timed_train_chain(log_path: str):
                     yield batch
 
         rank = ray.train.get_context().get_world_rank()
-        for entry in loop_config["plan"]:
-            entry["shards"] = [Shard(shard, entry["index"]) for shard in entry["shards"]]
+        tw.task_shard = lambda task_index: Shard(original["task_shard"](task_index), task_index)
         tw.init_deepspeed = timed_init_deepspeed
         tw.load_base_model = timed("model_load", original["load_base_model"])
         tw.attach_strategy = attach_strategy
@@ -323,11 +323,14 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         shard = len(examples) // workers
         per_worker = math.ceil(shard / micro)
         steps = 0
-        for _ in range(config.training.epochs):
+        for epoch in range(config.training.epochs):
+            # each worker's shard in a seeded order per epoch, as the workers' local shuffle (not the same permutation)
+            rng = np.random.default_rng(np.random.SeedSequence([config.training.seed, index, epoch]))
+            order = [w * shard + (rng.permutation(shard) if config.training.shuffle_buffer else np.arange(shard)) for w in range(workers)]
             optimizer.zero_grad()
             for k in range(per_worker):
                 for w in range(workers):
-                    picked = slice(w * shard + k * micro, w * shard + min((k + 1) * micro, shard))
+                    picked = order[w][k * micro : min((k + 1) * micro, shard)]
                     batch = collate({name: rows[name][picked] for name in rows})
                     # deepspeed.bf16 as torch autocast: same loss curve, same speed-up (benchmarks/precision.py)
                     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.deepspeed.bf16):

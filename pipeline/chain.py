@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import tempfile
 import threading
 import time
@@ -49,14 +50,20 @@ class ChainResult:
 
 
 def select_tasks(config: ChainConfig) -> list[Task]:
+    import ray
+
     stream_order(config.stream.path, config.stream.order)  # a bad stream file fails before Ray starts
     init_ray(config)  # the tasks are sampled by Ray Data: on the chain's Ray, not on one started by default
+    check_cluster_cpus(config, ray.cluster_resources().get("CPU", 0.0))
     tasks = load_stream(config.stream.path, config.stream.order)
     return tasks[: config.stream.max_tasks] if config.stream.max_tasks else tasks
 
 
 def init_ray(config: ChainConfig) -> None:
-    start_ray(config.ray.address, config.ray.num_cpus)
+    """The chain's Ray: a fresh local one has the machine's CPUs, or as many logical ones as the chain holds
+    (`ScalingSettings.chain_cpus`) where that is more, unless `ray.num_cpus` says."""
+    local_cpus = config.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(config.scaling.chain_cpus()))
+    start_ray(config.ray.address, local_cpus if config.ray.address is None else None)
 
 
 def steps_per_task(config: ChainConfig, examples: int) -> int:
@@ -74,12 +81,20 @@ def _tokenizer_factory(config: ChainConfig):
     return partial(load_tokenizer, config.model)
 
 
-def _task_datasets(config: ChainConfig, examples: list) -> list:
-    """A task's tokenized training rows (Ray Data), split into one equal shard per training worker."""
+def _task_dataset(config: ChainConfig, examples: list):
+    """A task's tokenized training rows (Ray Data, lazy): Ray Train splits it into one equal shard per worker."""
     from pipeline.preprocess import tokenized_dataset
 
-    dataset = tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
-    return dataset.split(config.scaling.num_workers, equal=True)
+    return tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
+
+
+def check_cluster_cpus(config: ChainConfig, cluster_cpus: float) -> None:
+    """A chain needs its training workers' CPUs and its ingest CPUs at once: fail now rather than hang."""
+    scaling = config.scaling
+    if cluster_cpus < scaling.chain_cpus():
+        raise ConfigError(f"scaling: the chain needs {scaling.chain_cpus():g} CPUs ({scaling.num_workers} workers x cpus_per_worker "
+                          f"{scaling.cpus_per_worker:g} + ingest_cpus {scaling.ingest_cpus:g}), the Ray cluster has {cluster_cpus:g}; "
+                          "lower them or give Ray more CPUs (ray.num_cpus for a local Ray)")
 
 
 def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None,
@@ -97,7 +112,8 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from pipeline.task_results import TaskResults
-    from pipeline.train_worker import train_chain
+    from pipeline.preprocess import ingest_config
+    from pipeline.train_worker import task_dataset, train_chain
 
     quiet_ray_data()  # in the driver too, where the datasets are tokenized (a Tune trial's chain may not call start_ray)
     entries = [{
@@ -105,7 +121,6 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
         "label": f"task {index + 1}/{len(tasks)} {tasks[index].name}",
         "examples": examples,
         "steps": steps_per_task(config, len(examples)),
-        "shards": _task_datasets(config, examples),
         "seen": tasks[: index + 1],
     } for index, examples in plan]
     # on the driver's node, as Ray Train's controller is: a worker node may be lost mid-chain (and inside a Tune
@@ -122,6 +137,8 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
             "export": export,
             "fit_id": uuid.uuid4().hex,
         },
+        datasets={task_dataset(index): _task_dataset(config, examples) for index, examples in plan},
+        dataset_config=ingest_config(config.scaling.ingest_cpus),
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
@@ -202,11 +219,12 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
     (a Tune trial reports its objective there).
     """
     run_dir = config.run_dir()
-    tasks = select_tasks(config)  # data problems fail here, before anything is written or started
-    check_answers_tokenize(tasks, _tokenizer_factory(config)())
-    precision = config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
     _check_writable(run_dir)
-    with RunFolderLock(run_dir):  # one driver per chain, from its first read of the manifest to its end
+    # one driver per chain, from before its data is sampled (a second driver fails at once) to its end
+    with RunFolderLock(run_dir):
+        tasks = select_tasks(config)  # data problems fail here, before anything is written or trained
+        check_answers_tokenize(tasks, _tokenizer_factory(config)())
+        precision = config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
         return _drive_chain(config, tasks, precision, config_file, parent_run_id, tags, on_task_done)
 
 

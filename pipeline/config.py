@@ -83,6 +83,8 @@ class TrainingConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warm-up at the start of each task")
     gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass (transformers' "
                                                             "activation checkpointing, non-reentrant): less memory, ~30% more compute")
+    shuffle_buffer: int = Field(10_000, ge=0, description="rows of each worker's local shuffle of its shard, reseeded every "
+                                                        "epoch (from seed, task and epoch); a task smaller than this is shuffled whole; 0: none")
 
 
 class DeepSpeedSettings(_Strict):
@@ -95,10 +97,16 @@ class DeepSpeedSettings(_Strict):
                                    "(DeepSpeed's setting of the same name; its default)")
 
 
+TOKENIZE_CPUS = 0.5  # Ray resources of one tokenising task (pipeline.preprocess)
+
+
 class ScalingSettings(_Strict):
     num_workers: int = Field(2, gt=0)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    ingest_cpus: float = Field(1.0, ge=TOKENIZE_CPUS, description="CPUs kept for Ray Data beside the training workers: a task's "
+                               "rows are tokenised while its workers train on them (streamed, not materialised), each "
+                               f"tokenising Ray task taking {TOKENIZE_CPUS}")
     max_failures: int = Field(2, ge=0, description="Ray Train's FailureConfig.max_failures: restarts of the chain's worker "
                                                    "group after a worker or node failure, each from the last checkpoint")
     resources_per_worker: dict[str, float] = Field(
@@ -114,6 +122,10 @@ class ScalingSettings(_Strict):
             if not amount > 0:
                 raise ValueError(f"{name}: expected an amount > 0, got {amount}")
         return resources
+
+    def chain_cpus(self) -> float:
+        """CPUs one chain holds: its training workers' and its ingest's."""
+        return self.num_workers * self.cpus_per_worker + self.ingest_cpus
 
     def worker_resources(self) -> dict[str, float]:
         """Ray resources of one training worker: CPUs, a GPU when use_gpu, and the custom ones."""

@@ -7,8 +7,9 @@
 
 Rows are padded to `max_length` inside `map_batches` (fixed shapes keep Ray Data's tensor columns
 simple) and `trim_padding` cuts each batch back to its longest sequence, so no step computes on
-more padding than its batch needs. The dataset is materialized before training: with every CPU
-taken by training workers, a streaming dataset would have no CPU left to run on and hang.
+more padding than its batch needs. The dataset streams into the workers as they train: the chain
+keeps `scaling.ingest_cpus` beside its training workers for it (`pipeline.chain`), so it never
+waits for a CPU the workers hold.
 
 Tokenisation runs as Ray tasks, one per block of up to `ROWS_PER_BLOCK` rows, each loading the
 tokenizer once. Tasks run in Ray's pooled worker processes, which a chain keeps warm between tasks;
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipeline.config import TOKENIZE_CPUS
 from pipeline.prompts import ANSWER_CUE
 
 IGNORE_INDEX = -100  # positions the loss skips (torch cross-entropy's default ignore_index)
@@ -86,7 +88,7 @@ def tokenized_dataset(
     mask_prompt: bool = True,
     batch_size: int = 64,
 ) -> ray.data.Dataset:
-    """A materialized Ray dataset of training rows from (prompt, continuation) pairs."""
+    """A Ray dataset of training rows from (prompt, continuation) pairs (lazy: tokenised as it is read)."""
     if not training_texts:
         raise ValueError("no training examples to preprocess")
     items = [{"prompt": prompt, "continuation": continuation} for prompt, continuation in training_texts]
@@ -95,9 +97,19 @@ def tokenized_dataset(
         fn_args=(tokenizer_factory, max_length, mask_prompt),
         batch_size=batch_size,
         batch_format="numpy",
-        num_cpus=0.5,  # leaves room beside training workers on a small machine
+        num_cpus=TOKENIZE_CPUS,
     )
-    return dataset.materialize()
+    return dataset
+
+
+def ingest_config(ingest_cpus: float):
+    """Ray Train's DataConfig for training datasets: each streamed within `ingest_cpus` (CPUs kept beside the
+    training workers), in a fixed order, so that the workers' shards, hence a resumed task's batches, are the
+    same on every run."""
+    from ray.data import ExecutionOptions, ExecutionResources
+    from ray.train import DataConfig
+
+    return DataConfig(execution_options=ExecutionOptions(resource_limits=ExecutionResources(cpu=ingest_cpus), preserve_order=True))
 
 
 def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_factory: Callable[[], Any], max_length: int,

@@ -53,6 +53,8 @@ def quiet_ray_logs() -> None:
         # "Error reading with pyarrow.json.read_json(). Falling back to native json.load()": every JSON-list file, and
         # every bad jsonl line before pipeline.sources.diagnose names its file and line
         logging.getLogger("ray.data._internal.datasource.json_datasource").setLevel(logging.ERROR)
+        # "Progress bars disabled": the chain's own choice, from every process that runs a dataset (the split coordinators)
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def quiet_ray_data() -> None:

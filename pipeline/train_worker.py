@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
 
@@ -132,10 +133,26 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_s
         return ResumePoint(position, state, progress, read_optimizer_state(Path(folder), rank), same_fit)
 
 
-def _micro_batches(shard, config: ChainConfig, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """This worker's micro-batches of the task, epoch after epoch."""
-    for _ in range(config.training.epochs):
-        yield from shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate, device=device)
+def task_dataset(task_index: int) -> str:
+    """The name of task `task_index`'s training rows among the trainer's datasets."""
+    return f"task_{task_index}"
+
+
+def task_shard(task_index: int):
+    """This worker's shard of task `task_index`'s training rows (Ray Train's DataIterator over the streamed dataset)."""
+    import ray.train
+
+    return ray.train.get_dataset_shard(task_dataset(task_index))
+
+
+def _micro_batches(shard, config: ChainConfig, task_index: int, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+    """This worker's micro-batches of the task, epoch after epoch, each epoch in its own seeded order: the same on
+    every run (a task resumed mid-way skips exactly the batches it trained on)."""
+    for epoch in range(config.training.epochs):
+        seed = int(np.random.SeedSequence([config.training.seed, task_index, epoch]).generate_state(1)[0])
+        yield from shard.iter_torch_batches(batch_size=config.training.batch_size, collate_fn=collate, device=device,
+                                            local_shuffle_buffer_size=config.training.shuffle_buffer or None,
+                                            local_shuffle_seed=seed)
 
 
 def train_chain(loop_config: dict[str, Any]) -> None:
@@ -211,7 +228,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
                 _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss}, engine)
 
         collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # LM head + loss on answer positions only
-        train_steps(engine, model, strategy, _micro_batches(entry["shards"][rank], config, collate, engine.device), progress,
+        train_steps(engine, model, strategy, _micro_batches(task_shard(task_index), config, task_index, collate, engine.device), progress,
                     entry["steps"], config.training.gradient_accumulation, after_step)
 
         # Task end: fold/consolidate; the same model then scores every task seen so far (in its engine, whose

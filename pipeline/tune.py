@@ -166,7 +166,7 @@ def objective(validation_matrix: list[list[float]], forgetting_penalty: float) -
 
 def max_concurrent_trials(config: ChainConfig, cluster: dict[str, float]) -> int:
     """How many trials' training worker groups fit in the cluster at once (at least 1)."""
-    fits = [cluster.get("CPU", 0.0) // (config.scaling.num_workers * config.scaling.cpus_per_worker)]
+    fits = [cluster.get("CPU", 0.0) // config.scaling.chain_cpus()]  # training workers and ingest
     if config.scaling.use_gpu:
         fits.append(cluster.get("GPU", 0.0) // config.scaling.num_workers)
     for name, amount in config.scaling.resources_per_worker.items():

@@ -50,7 +50,7 @@ def write_config(folder: Path, run_name: str, **overrides) -> Path:
         "deepspeed": {"zero_stage": 2},
         "scaling": {"num_workers": 2, "cpus_per_worker": 1},
         "evaluation": {"batch_size": 8},
-        "ray": {"num_cpus": 2},
+        "ray": {"num_cpus": 3},  # logical: 2 training workers + 1 CPU of ingest (scaling.ingest_cpus)
     }
     for key, value in overrides.items():
         section, field = key.split("__")

@@ -1,7 +1,7 @@
 """The chain on a multi-node Ray cluster: four raylets on this machine, training workers on two nodes.
 
-`ray.cluster_utils.Cluster` starts a head (no CPUs: it only hosts the driver, the Ray Train
-controller and the dashboard) and three worker nodes of one CPU each, labelled with a custom
+`ray.cluster_utils.Cluster` starts a head (one CPU, for the chain's Ray Data ingest; it also hosts the
+driver, the Ray Train controller and the dashboard) and three worker nodes of one CPU each, labelled with a custom
 `worker_node` resource. The chain asks every training worker for `{CPU: 1, worker_node: 1}`
 (`scaling.resources_per_worker`), so the two workers of the chain's worker group land on different
 nodes and all-reduce across them, and a lost node leaves room for the restarted group.
@@ -30,7 +30,7 @@ OBJECT_STORE = 100 * 1024 * 1024  # per node; the object store lives in /dev/shm
 
 @pytest.fixture
 def cluster(request, monkeypatch):
-    """A head with 0 CPUs + 3 worker nodes of 1 CPU, all on 127.0.0.1; shut down by a finalizer."""
+    """A head with 1 CPU (ingest) + 3 worker nodes of 1 CPU, all on 127.0.0.1; shut down by a finalizer."""
     import ray
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
@@ -56,7 +56,8 @@ def cluster(request, monkeypatch):
     head = Cluster(
         initialize_head=True,
         head_node_args={
-            "num_cpus": 0, "object_store_memory": OBJECT_STORE, "temp_dir": temp_dir,
+            # the chain's ingest CPU (scaling.ingest_cpus): on the head, which no training worker can take
+            "num_cpus": 1, "object_store_memory": OBJECT_STORE, "temp_dir": temp_dir,
             "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),  # the state API
         },
     )

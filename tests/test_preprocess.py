@@ -1,4 +1,4 @@
-"""Ray Data preprocessing feeding a real Ray Train TorchTrainer (local Ray, 2 CPUs, 2 workers)."""
+"""Ray Data preprocessing feeding a real Ray Train TorchTrainer (local Ray: 2 workers of 1 CPU, 1 CPU of ingest)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pipeline.preprocess import (
     TrimPadding,
     build_training_row,
     count_tokens,
+    ingest_config,
     tokenize_rows,
     tokenized_dataset,
     trim_padding,
@@ -120,7 +121,7 @@ def local_ray(tmp_path_factory):
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(
-        num_cpus=2,
+        num_cpus=3,
         include_dashboard=False,
         object_store_memory=200 * 1024**2,
         _temp_dir=f"/tmp/ray-procl-{uuid.uuid4().hex[:6]}",
@@ -145,7 +146,7 @@ def _read_shard(config: dict) -> None:
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps({"rows": rows, "losses": losses, "widths": widths}))
 
 
-def test_ray_data_feeds_a_torch_trainer_with_every_cpu_taken(local_ray, tmp_path):
+def test_ray_data_streams_into_a_torch_trainer_beside_workers_that_hold_their_cpus(local_ray, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -162,9 +163,11 @@ def test_ray_data_feeds_a_torch_trainer_with_every_cpu_taken(local_ray, tmp_path
     trainer = TorchTrainer(
         _read_shard,
         train_loop_config={"out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),  # both CPUs
+        # the workers hold 2 of the 3 CPUs; the lazy dataset is tokenised as they read it, on the third
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
         datasets={"train": dataset},
+        dataset_config=ingest_config(1.0),
         run_config=RunConfig(name=f"preprocess-{uuid.uuid4().hex[:8]}", storage_path=str(tmp_path / "ray")),
     )
     trainer.fit()
@@ -173,3 +176,29 @@ def test_ray_data_feeds_a_torch_trainer_with_every_cpu_taken(local_ray, tmp_path
     assert all(r["rows"] > 0 for r in results)
     assert all(torch.isfinite(torch.tensor(loss)) for r in results for loss in r["losses"])
     assert max(w for r in results for w in r["widths"]) < 1024  # trimmed, not padded to max_length
+
+
+def test_each_epoch_reads_a_shard_in_its_own_seeded_order_the_same_on_every_run(local_ray):
+    import numpy as np
+    import ray.data
+
+    from pipeline.config import ChainConfig
+    from pipeline.train_worker import _micro_batches
+
+    rows = ray.data.from_items([{"input_ids": np.array([i, 1]), "attention_mask": np.array([1, 1]), "labels": np.array([i, 1])}
+                                for i in range(40)])
+    collate = TrimPadding()
+
+    def epochs(config: ChainConfig, task_index: int) -> list[list[int]]:
+        order = [int(i) for batch in _micro_batches(rows.iterator(), config, task_index, collate, torch.device("cpu"))
+                 for i in batch["input_ids"][:, 0]]
+        return [order[e * 40 : (e + 1) * 40] for e in range(config.training.epochs)]
+
+    config = ChainConfig.model_validate({"training": {"epochs": 3, "batch_size": 8, "seed": 5}})
+    first = epochs(config, task_index=1)
+    assert all(sorted(epoch) == list(range(40)) for epoch in first)  # every row once per epoch
+    assert len({tuple(epoch) for epoch in first}) == 3 and tuple(range(40)) not in map(tuple, first)  # reshuffled each epoch
+    assert epochs(config, task_index=1) == first  # seeded: a resumed task skips exactly the batches it trained on
+    assert epochs(config, task_index=2)[0] != first[0]  # another task, another order
+    unshuffled = ChainConfig.model_validate({"training": {"epochs": 2, "batch_size": 8, "shuffle_buffer": 0}})
+    assert epochs(unshuffled, task_index=1) == [list(range(40))] * 2

@@ -134,3 +134,12 @@ def test_runtime_failures_exit_1_input_errors_2_and_debug_shows_the_traceback(mo
     assert main(["plan", str(ROOT / "configs" / "demo.yaml"), "--debug"]) == code
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and err.strip().endswith(f"error: {error}")
+
+
+def test_a_cluster_without_cpus_for_the_workers_and_their_ingest_is_refused_before_anything_starts():
+    from pipeline.chain import check_cluster_cpus
+
+    config = load_config(ROOT / "configs" / "demo.yaml")  # 2 workers x 1 CPU + ingest_cpus 1
+    check_cluster_cpus(config, 3.0)
+    with pytest.raises(ConfigError, match=r"the chain needs 3 CPUs \(2 workers x cpus_per_worker 1 \+ ingest_cpus 1\), the Ray cluster has 2"):
+        check_cluster_cpus(config, 2.0)  # the ingest would wait for a CPU the training workers hold: a hang

@@ -72,9 +72,10 @@ def test_objective_is_validation_accuracy_minus_penalised_forgetting():
 
 
 def test_concurrent_trials_are_what_the_cluster_fits(base):
-    config = load_config(DEMO)  # 2 workers x 1 CPU
+    config = load_config(DEMO)  # 2 workers x 1 CPU + 1 CPU of ingest
     assert max_concurrent_trials(config, {"CPU": 2.0}) == 1
-    assert max_concurrent_trials(config, {"CPU": 9.0}) == 4
+    assert max_concurrent_trials(config, {"CPU": 9.0}) == 3
+    assert max_concurrent_trials(load_config(DEMO, ["scaling.ingest_cpus=0.5"]), {"CPU": 10.0}) == 4
     gpu = load_config(DEMO, ["scaling.use_gpu=true"])
     assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 4.0}) == 2
     assert max_concurrent_trials(config, {"CPU": 1.0}) == 1  # never zero: the one trial waits for resources
