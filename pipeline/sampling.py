@@ -6,7 +6,7 @@ stratum (the label, for classification), in proportion to the strata's counts. B
 depend on where a record sits in a file, on the blocks or on the number of readers, the sample is the
 same however the data is read, and it takes three passes over the data, none of them through the driver:
 
-1. counts per source split and stratum (`groupby().count()`: a row per class);
+1. counts per source split and stratum (per-batch counts summed in the driver: a row per class and block);
 2. the candidates: each stratum's records below a rank threshold sized for about 1.25x what it needs,
    collected (the only rows the driver ever holds: as many as the sizes ask for, not as the data has);
 3. when the source ships several splits: which other split holds each candidate's key, so that
@@ -77,6 +77,14 @@ class KeyRecords:
                 "split": np.full(len(keys), self.split, dtype=object)}
 
 
+def count_strata(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's records per (split, stratum): summed in the driver, a row per class (no shuffle, as a groupby has)."""
+    if not len(batch["split"]):
+        return {"split": np.array([], dtype=object), "stratum": np.array([], dtype=object), "count": np.array([], dtype=np.int64)}
+    pairs, counts = np.unique(np.stack([batch["split"].astype(str), batch["stratum"].astype(str)], axis=1), axis=0, return_counts=True)
+    return {"split": pairs[:, 0].astype(object), "stratum": pairs[:, 1].astype(object), "count": counts}
+
+
 @dataclass
 class BelowThreshold:
     """Keeps the records whose rank is below their (split, stratum)'s threshold."""
@@ -140,8 +148,9 @@ def sample_task(sources: dict[str, ray.data.Dataset], sizes: dict[str, int], see
              for split, dataset in sources.items()]
     records = keyed[0].union(*keyed[1:]) if len(keyed) > 1 else keyed[0]
     counts: dict[str, dict[str, int]] = {split: {} for split in sources}
-    for row in sorted(records.groupby(["split", "stratum"]).count().take_all(), key=lambda r: (r["split"], r["stratum"])):  # not in read order
-        counts[row["split"]][row["stratum"]] = row["count()"]
+    for row in records.map_batches(count_strata, batch_format="numpy").take_all():  # a row per (block, split, stratum)
+        counts[row["split"]][row["stratum"]] = counts[row["split"]].get(row["stratum"], 0) + int(row["count"])
+    counts = {split: dict(sorted(by_stratum.items())) for split, by_stratum in counts.items()}  # not in read order
     labels = {stratum for by_stratum in counts.values() for stratum in by_stratum} if stratified else set()
     if classes is not None:
         train = counts["train"]
