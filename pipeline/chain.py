@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -50,11 +51,8 @@ class ChainResult:
 
 
 def select_tasks(config: ChainConfig) -> list[Task]:
-    import ray
-
     stream_order(config.stream.path, config.stream.order)  # a bad stream file fails before Ray starts
     init_ray(config)  # the tasks are sampled by Ray Data: on the chain's Ray, not on one started by default
-    check_cluster_cpus(config, ray.cluster_resources().get("CPU", 0.0))
     tasks = load_stream(config.stream.path, config.stream.order)
     return tasks[: config.stream.max_tasks] if config.stream.max_tasks else tasks
 
@@ -88,8 +86,13 @@ def _task_dataset(config: ChainConfig, examples: list):
     return tokenized_dataset([tuple(e) for e in examples], _tokenizer_factory(config), config.training.max_length, config.training.mask_prompt)
 
 
-def check_cluster_cpus(config: ChainConfig, cluster_cpus: float) -> None:
-    """A chain needs its training workers' CPUs and its ingest CPUs at once: fail now rather than hang."""
+def check_cluster_cpus(config: ChainConfig, cluster_cpus: float | None = None) -> None:
+    """A chain needs its training workers' CPUs and its ingest CPUs at once: fail now rather than hang.
+    `cluster_cpus`: the joined Ray's when None."""
+    if cluster_cpus is None:
+        import ray
+
+        cluster_cpus = ray.cluster_resources().get("CPU", 0.0)
     scaling = config.scaling
     if cluster_cpus < scaling.chain_cpus():
         raise ConfigError(f"scaling: the chain needs {scaling.chain_cpus():g} CPUs ({scaling.num_workers} workers x cpus_per_worker "
@@ -219,13 +222,24 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
     (a Tune trial reports its objective there).
     """
     run_dir = config.run_dir()
-    _check_writable(run_dir)
-    # one driver per chain, from before its data is sampled (a second driver fails at once) to its end
-    with RunFolderLock(run_dir):
+    with ExitStack() as owned:  # one driver per chain, to its end
+        # a run folder that exists may have a live owner: a second driver is refused at once, not after sampling;
+        # a new one is created only once the data has been checked (bad data writes nothing)
+        existed = run_dir.exists()
+        if existed:
+            owned.enter_context(_own_run_folder(run_dir))
         tasks = select_tasks(config)  # data problems fail here, before anything is written or trained
+        check_cluster_cpus(config)  # the worker group's and its ingest's: only a chain that trains needs them
         check_answers_tokenize(tasks, _tokenizer_factory(config)())
         precision = config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
+        if not existed:
+            owned.enter_context(_own_run_folder(run_dir))
         return _drive_chain(config, tasks, precision, config_file, parent_run_id, tags, on_task_done)
+
+
+def _own_run_folder(run_dir: Path) -> RunFolderLock:
+    _check_writable(run_dir)
+    return RunFolderLock(run_dir)
 
 
 def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,

@@ -109,6 +109,8 @@ def plan(config: ChainConfig) -> dict:
         "model": config.model.name,
         "workers": config.scaling.num_workers,
         "resources_per_worker": config.scaling.worker_resources(),
+        # what `run` checks the cluster has: a plan may be made away from it (a laptop before `ray up`)
+        "chain_cpus": config.scaling.chain_cpus(),
         "zero_stage": config.deepspeed.zero_stage,
         "precision": config.precision_note(),
         "answer_words": answers,

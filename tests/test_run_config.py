@@ -82,6 +82,7 @@ def test_plan_accepts_the_gpu_cluster_config_without_downloading_the_model():
     summary = plan(config)
     assert summary["model"] == "Qwen/Qwen2.5-7B-Instruct" and summary["zero_stage"] == 3 and summary["workers"] == 8
     assert summary["resources_per_worker"] == {"CPU": 4, "GPU": 1}
+    assert summary["chain_cpus"] == 8 * 4 + 4  # workers x cpus_per_worker + ingest_cpus: checked by `run` on the cluster
     assert summary["answer_words"].startswith("not checked: Qwen/Qwen2.5-7B-Instruct is not in the local Hugging Face cache")
     assert "settled on each GPU worker" in summary["precision"]
     assert config.training.gradient_checkpointing and config.training.lr_scheduler == "cosine" and config.training.max_steps
