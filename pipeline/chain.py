@@ -228,6 +228,7 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
         existed = run_dir.exists()
         if existed:
             owned.enter_context(_own_run_folder(run_dir))
+        console.print(f"[bold]sampling[/] the tasks of {config.stream.path}")  # Ray starts here: sampling runs on Ray Data
         tasks = select_tasks(config)  # data problems fail here, before anything is written or trained
         check_cluster_cpus(config)  # the worker group's and its ingest's: only a chain that trains needs them
         check_answers_tokenize(tasks, _tokenizer_factory(config)())

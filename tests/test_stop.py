@@ -84,7 +84,7 @@ def assert_killed_in_mlflow(run_dir: Path) -> None:
 
 
 @pytest.mark.parametrize(("signum", "phase", "marker"), [
-    (signal.SIGINT, "ray-start", "precision: "),
+    (signal.SIGINT, "ray-start", "sampling the tasks of "),
     (signal.SIGTERM, "zero-shot", "zero-shot evaluation on 3 tasks"),
 ])
 def test_a_signal_before_training_stops_the_chain_cleanly(signum, phase, marker, tmp_path, drivers):
