@@ -273,7 +273,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     from pipeline.manifest import Manifest, TaskRecord
     from pipeline.scoring import score_tasks
     from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
-    from pipeline.preprocess import TokenizeBatch, TrimPadding
+    from pipeline.preprocess import TokenizeBatch, TrainingCollate
     from procl import make_strategy, metrics
     from procl.checkpoint import recorded_sha256, save_strategy_state
 
@@ -297,7 +297,8 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
 
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
     model = strategy.build(model)
-    collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # as the pipeline's workers
+    collate = TrainingCollate(labeled_logits_only=accepts_logits_to_keep(model),  # as the pipeline's workers
+                              pack_to=config.training.max_length if config.training.packing else None)
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
     plain_lora = config.exports_plain_lora()
@@ -332,11 +333,12 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
                 for w in range(workers):
                     picked = order[w][k * micro : min((k + 1) * micro, shard)]
                     batch = collate({name: rows[name][picked] for name in rows})
-                    # deepspeed.bf16 as torch autocast: same loss curve, same speed-up (benchmarks/precision.py)
-                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.deepspeed.bf16):
-                        loss = model(**batch).loss
-                    extra = strategy.extra_loss(model)
-                    ((loss if extra is None else loss + extra) / (workers * accumulation)).backward()
+                    with strategy.micro_batch(model, batch.pop("segments")):  # as pipeline.runtime.train_steps
+                        # deepspeed.bf16 as torch autocast: same loss curve, same speed-up (benchmarks/precision.py)
+                        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.deepspeed.bf16):
+                            loss = model(**batch, use_cache=False).loss
+                        extra = strategy.extra_loss(model)
+                        ((loss if extra is None else loss + extra) / (workers * accumulation)).backward()
                     micro_losses.append(loss.item())
                 if (k + 1) % accumulation:
                     continue

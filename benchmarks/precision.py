@@ -62,6 +62,7 @@ def _lora_model(base_dtype: torch.dtype, attention: str | None = None):
 
 
 def _inputs(batch: dict[str, torch.Tensor], answer_logits_only: bool) -> dict[str, torch.Tensor]:
+    batch = {name: value for name, value in batch.items() if name != "segments"}  # a plain LoRA routes nothing
     return keep_labeled_logits(batch) if answer_logits_only else batch
 
 

@@ -85,6 +85,9 @@ class TrainingConfig(_Strict):
                                                             "activation checkpointing, non-reentrant): less memory, ~30% more compute")
     shuffle_buffer: int = Field(10_000, ge=0, description="rows of each worker's local shuffle of its shard, reseeded every "
                                                         "epoch (from seed, task and epoch); a task smaller than this is shuffled whole; 0: none")
+    packing: bool = Field(False, description="pack each micro-batch's examples into as few rows of max_length as hold them: the same "
+                                             "examples, steps and loss, without computing on padding (for short examples; "
+                                             "pipeline.preprocess.pack_examples)")
 
 
 class DeepSpeedSettings(_Strict):

@@ -3,11 +3,11 @@
     datasets = {"train": tokenized_dataset(task, tokenizer_factory, max_length=256)}
     TorchTrainer(..., datasets=datasets)
     # in each worker:
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8, collate_fn=trim_padding): ...
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=8, collate_fn=TrainingCollate()): ...
 
 Rows are padded to `max_length` inside `map_batches` (fixed shapes keep Ray Data's tensor columns
-simple) and `trim_padding` cuts each batch back to its longest sequence, so no step computes on
-more padding than its batch needs. The dataset streams into the workers as they train: the chain
+simple) and `TrainingCollate` cuts each batch back to its longest sequence (or packs its examples into
+fewer rows), so no step computes on more padding than its batch needs. The dataset streams into the workers as they train: the chain
 keeps `scaling.ingest_cpus` beside its training workers for it (`pipeline.chain`), so it never
 waits for a CPU the workers hold.
 
@@ -141,25 +141,73 @@ def keep_labeled_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {**batch, "logits_to_keep": keep, "shift_labels": predicted[keep]}
 
 
-class TrimPadding(NumpyBatchCollateFn):
-    """collate_fn for iter_torch_batches: cut right padding beyond the batch's longest row.
+def example_segments(attention_mask: np.ndarray) -> np.ndarray:
+    """(B, T) -> the example each token belongs to: row b's tokens are example b, padding -1."""
+    return np.where(attention_mask.astype(bool), np.arange(len(attention_mask))[:, None], -1)
 
-    labeled_logits_only: add `keep_labeled_logits`'s inputs (for a model whose forward takes
-    `logits_to_keep`, see `pipeline.models.accepts_logits_to_keep`).
-    Ray moves the returned tensors to the `device` given to iter_torch_batches.
+
+def pack_examples(batch: dict[str, np.ndarray], max_length: int) -> dict[str, np.ndarray]:
+    """A micro-batch's right-padded rows packed, first fit by decreasing length, into as few rows of at most
+    `max_length` tokens as hold them.
+
+    Each example keeps its own positions (position_ids restart at 0) and its tokens' `segments` index (padding
+    -1); the first label of each is ignored, so no example learns to predict the start of the next. With no
+    attention_mask, transformers reads the packing from position_ids and lets no token attend across examples:
+    the loss is the same as unpacked, on the same labelled tokens.
+    """
+    lengths = batch["attention_mask"].sum(axis=1)
+    rows: list[list[int]] = []  # example indices per packed row
+    room: list[int] = []
+    for example in np.argsort(-lengths, kind="stable"):
+        fits = next((r for r, free in enumerate(room) if free >= lengths[example]), None)
+        if fits is None:
+            rows.append([])
+            room.append(max_length)
+            fits = len(rows) - 1
+        rows[fits].append(int(example))
+        room[fits] -= int(lengths[example])
+    width = max_length - min(room)
+    packed = {"input_ids": np.zeros((len(rows), width), dtype=np.int64),
+              "labels": np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64),
+              "position_ids": np.zeros((len(rows), width), dtype=np.int64),
+              "segments": np.full((len(rows), width), -1, dtype=np.int64)}
+    segment = 0
+    for r, examples in enumerate(rows):
+        at = 0
+        for example in sorted(examples):  # in the micro-batch's order within a row
+            n = int(lengths[example])
+            packed["input_ids"][r, at:at + n] = batch["input_ids"][example, :n]
+            packed["labels"][r, at + 1:at + n] = batch["labels"][example, 1:n]
+            packed["position_ids"][r, at:at + n] = np.arange(n)
+            packed["segments"][r, at:at + n] = segment
+            segment, at = segment + 1, at + n
+    return packed
+
+
+class TrainingCollate(NumpyBatchCollateFn):
+    """collate_fn for iter_torch_batches: a micro-batch of tokenized rows as model inputs plus `segments`
+    (which example each token belongs to, -1 on padding: ProCL routes per example, `ContinualStrategy.micro_batch`).
+
+    Rows are cut back to the micro-batch's longest, or with `pack_to` packed into rows of that many tokens
+    (`pack_examples`), which spares the padding of short examples. labeled_logits_only: add
+    `keep_labeled_logits`'s inputs (for a model whose forward takes `logits_to_keep`, see
+    `pipeline.models.accepts_logits_to_keep`). Ray moves the returned tensors to the `device` given to
+    iter_torch_batches.
     """
 
-    def __init__(self, labeled_logits_only: bool = False) -> None:
+    def __init__(self, labeled_logits_only: bool = False, pack_to: int | None = None) -> None:
         super().__init__()
-        self.labeled_logits_only = labeled_logits_only
+        self.labeled_logits_only, self.pack_to = labeled_logits_only, pack_to
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        longest = int(batch["attention_mask"].sum(axis=1).max())
-        trimmed = {name: torch.from_numpy(np.ascontiguousarray(batch[name][:, :longest])) for name in ("input_ids", "attention_mask", "labels")}
-        return keep_labeled_logits(trimmed) if self.labeled_logits_only else trimmed
-
-
-trim_padding = TrimPadding()
+        if self.pack_to:
+            columns = pack_examples(batch, self.pack_to)
+        else:
+            longest = int(batch["attention_mask"].sum(axis=1).max())
+            columns = {name: batch[name][:, :longest] for name in ("input_ids", "attention_mask", "labels")}
+            columns["segments"] = example_segments(columns["attention_mask"])
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(column)) for name, column in columns.items()}
+        return keep_labeled_logits(tensors) if self.labeled_logits_only else tensors
 
 
 def count_tokens(dataset: ray.data.Dataset) -> int:

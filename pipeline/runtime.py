@@ -182,9 +182,11 @@ def train_steps(engine, model, strategy, batches: Iterable[dict[str, torch.Tenso
             continue
         if progress["steps"] == total_steps:  # training.max_steps reached
             break
-        loss = engine(**batch).loss
-        extra = strategy.extra_loss(model)
-        engine.backward(loss if extra is None else loss + extra)
+        segments = batch.pop("segments", None)
+        with strategy.micro_batch(model, segments):  # ProCL routes each example, padded or packed, by its own tokens
+            loss = engine(**batch, use_cache=False).loss  # no cache: with one, transformers ignores a packed row's positions
+            extra = strategy.extra_loss(model)
+            engine.backward(loss if extra is None else loss + extra)
         engine.step()
         step_losses.append(loss.detach().float())
         if micro_step % accumulation:

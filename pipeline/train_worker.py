@@ -37,7 +37,7 @@ import transformers
 from pipeline.config import ChainConfig
 from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, release_freed_memory, resident_mib
 from pipeline.models import accepts_logits_to_keep
-from pipeline.preprocess import TrimPadding
+from pipeline.preprocess import TrainingCollate
 from pipeline.ray_workers import verbose
 from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed, largest_memory, load_base_model,
                               load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
@@ -145,7 +145,7 @@ def task_shard(task_index: int):
     return ray.train.get_dataset_shard(task_dataset(task_index))
 
 
-def _micro_batches(shard, config: ChainConfig, task_index: int, collate: TrimPadding, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
+def _micro_batches(shard, config: ChainConfig, task_index: int, collate: TrainingCollate, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """This worker's micro-batches of the task, epoch after epoch, each epoch in its own seeded order: the same on
     every run (a task resumed mid-way skips exactly the batches it trained on)."""
     for epoch in range(config.training.epochs):
@@ -227,7 +227,8 @@ def train_chain(loop_config: dict[str, Any]) -> None:
             if every and progress["steps"] % every == 0:
                 _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss}, engine)
 
-        collate = TrimPadding(labeled_logits_only=accepts_logits_to_keep(model))  # LM head + loss on answer positions only
+        collate = TrainingCollate(labeled_logits_only=accepts_logits_to_keep(model),  # LM head + loss on answer positions only
+                                  pack_to=config.training.max_length if config.training.packing else None)
         train_steps(engine, model, strategy, _micro_batches(task_shard(task_index), config, task_index, collate, engine.device), progress,
                     entry["steps"], config.training.gradient_accumulation, after_step)
 

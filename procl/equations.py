@@ -19,6 +19,15 @@ def token_mean(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]).mean(dim=1)
 
 
+def example_mean(x: torch.Tensor, token_example: torch.Tensor, example_tokens: torch.Tensor) -> torch.Tensor:
+    """x̄_s: mean of the layer input over the tokens of each example s, where a row may hold several (packing)
+    and padding belongs to none. x (B, T, d); token_example (B*T,): each token's example 0..S-1, S for
+    padding; example_tokens (S,): tokens per example -> (S, d). Summed in float32."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    sums = flat.new_zeros(example_tokens.shape[0] + 1, flat.shape[-1]).index_add_(0, token_example, flat)
+    return (sums[:-1] / example_tokens[:, None]).to(x.dtype)
+
+
 def slot_attention(queries: torch.Tensor, keys: torch.Tensor, tau: float, scale: float = 1.0) -> torch.Tensor:
     """a[b, h, n] = softmax_n(scale * <q[b, h], K[h, n]> / tau).
 

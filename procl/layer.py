@@ -14,6 +14,7 @@ methods) so that DeepSpeed ZeRO-3 gathers their partitioned parameters in its fo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -30,6 +31,39 @@ Role = Literal["A", "B"]
 def query_encoder(d_in: int, key_dim: int, num_queries: int) -> nn.Sequential:
     """Linear d_in -> d_k, tanh, Linear d_k -> num_queries * d_k."""
     return nn.Sequential(nn.Linear(d_in, key_dim), nn.Tanh(), nn.Linear(key_dim, num_queries * key_dim))
+
+
+@dataclass(frozen=True)
+class TokenExamples:
+    """Which example each token of a micro-batch belongs to, so that routing is per example where a row holds
+    several (packing) or padding. Built once per micro-batch (`procl.model.route_by_example`)."""
+
+    shape: torch.Size  # (B, T) of the micro-batch
+    token_example: torch.Tensor  # (B*T,): each token's example 0..count-1, count for padding
+    example_tokens: torch.Tensor  # (count,): tokens per example
+    count: int
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> "TokenExamples":
+        """segments (B, T): each token's example, numbered from 0; -1 on padding."""
+        count = int(segments.max()) + 1  # the micro-batch's one host sync for routing
+        flat = segments.reshape(-1)
+        token_example = torch.where(flat >= 0, flat, count)
+        example_tokens = torch.bincount(token_example, minlength=count + 1)[:count].float()
+        if bool((example_tokens == 0).any()):
+            raise ValueError("segments must number the examples 0..S-1 with no gaps (-1 on padding)")
+        return cls(segments.shape, token_example, example_tokens, count)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) layer input -> (S, d): each example's mean over its own tokens."""
+        if x.shape[:-1] != self.shape:
+            raise ValueError(f"a layer input of shape {tuple(x.shape)} does not match the micro-batch's segments {tuple(self.shape)}")
+        return eq.example_mean(x, self.token_example, self.example_tokens)
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """(S, k) per-example values -> (B, T, k), zeros on padding."""
+        padded = torch.cat([values, values.new_zeros(1, values.shape[-1])])
+        return padded.index_select(0, self.token_example).reshape(*self.shape, values.shape[-1])
 
 
 class _RoutingStatistics(nn.Module):
@@ -50,6 +84,11 @@ class _RoutingStatistics(nn.Module):
         self.register_buffer("task_sum", torch.zeros(size))
         self.register_buffer("task_count", torch.zeros(()))
         self.synced: torch.Tensor | None = None
+        self.examples: TokenExamples | None = None  # set around a micro-batch: route per example, not per row
+
+    def input_means(self, x: torch.Tensor) -> torch.Tensor:
+        """The query's input: the layer input's mean per example (per row when no segments are set)."""
+        return eq.token_mean(x) if self.examples is None else self.examples.mean(x)
 
     def record(self, statistic: torch.Tensor) -> None:
         self.pending_sum = self.pending_sum.to(statistic.device) + statistic.detach().float()
@@ -118,7 +157,7 @@ class ResidualRouter(_ResidualRouting):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """rho (B, N): per-input plasticity of each slot."""
-        queries = self.encoder(eq.token_mean(x)).reshape(-1, 1, self.key_dim)
+        queries = self.encoder(self.input_means(x)).reshape(-1, 1, self.key_dim)
         attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
         if self.budget is None:
             rho = eq.slot_plasticity(attention, self.gate_logits)
@@ -142,7 +181,8 @@ class FixedRouter(_ResidualRouting):
         self.register_buffer("rho", eq.fixed_plasticity(top_slot, config.num_slots, config.fixed_plasticity))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rho = self.rho.expand(eq.token_mean(x).shape[0], -1)
+        inputs = self.examples.count if self.examples is not None else eq.token_mean(x).shape[0]
+        rho = self.rho.expand(inputs, -1)
         self._record(rho, rho / rho.sum(dim=-1, keepdim=True))
         return rho
 
@@ -166,7 +206,7 @@ class ReferenceRouter(_RoutingStatistics):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha (H, N), gamma) for the executing factor of this batch."""
-        queries = self.encoder(eq.token_mean(x)).reshape(-1, self.num_slots, self.key_dim)
+        queries = self.encoder(self.input_means(x)).reshape(-1, self.num_slots, self.key_dim)
         attention = eq.slot_attention(queries, self.keys, self.tau)
         alpha = eq.slot_weights(attention, self.gate_logits)
         entropy = eq.routing_entropy(attention).mean().reshape(1)
@@ -268,7 +308,8 @@ class ProgramFactor(nn.Module):
             return F.linear(x, self.weight)
         w0 = self.w0.to(self.weight.dtype)
         rank = self.weight.shape[self.rank_dim]
-        rho_rank = _over_tokens(eq.expand_slots_to_rank(rho, rank).to(x.dtype), x)
+        rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
+        rho_rank = _over_tokens(rho_rank, x) if router.examples is None else router.examples.per_token(rho_rank)
         if self.role == "A":
             frozen, carried = F.linear(x, torch.cat([w0, self.weight])).chunk(2, dim=-1)
             return frozen + rho_rank * (carried - frozen)

@@ -4,6 +4,7 @@ Lifecycle of one task (from the second on; the first trains a plain LoRA):
 
     attach_program_memory(model, config)   # W0 = W, fresh routers, factors become ProgramFactors
     for each step: forward/backward/optimizer.step(); consolidate(model) every k steps
+                                           # (inside route_by_example(model, segments) for padded or packed rows)
     detach_program_memory(model)           # fold, back to plain nn.Linear factors: a plain LoRA again
 
 Between tasks the model is an ordinary `peft.PeftModel`.
@@ -12,6 +13,7 @@ Between tasks the model is an ordinary `peft.PeftModel`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -20,7 +22,7 @@ from torch import nn
 
 from procl.config import ProCLConfig
 from procl.distributed import all_reduce_mean
-from procl.layer import FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, reference_mlp
+from procl.layer import FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, TokenExamples, reference_mlp
 
 ROUTER_ATTRIBUTE = "procl_router"
 
@@ -94,6 +96,22 @@ def _routers(model: nn.Module) -> list:
     for _, factor in program_factors(model):
         seen.setdefault(id(factor.routing), factor.routing)
     return list(seen.values())
+
+
+@contextmanager
+def route_by_example(model: nn.Module, segments: torch.Tensor | None) -> Iterator[None]:
+    """Within the block (a micro-batch's forward and backward, which recomputes the forward under gradient
+    checkpointing), each router queries with an example's own tokens: `segments` (B, T) numbers the examples
+    from 0, -1 on padding, several to a row when packed. Without it, each row is one example, padding included."""
+    routers = _routers(model)
+    examples = TokenExamples.of(segments) if routers and segments is not None else None
+    for router in routers:
+        router.examples = examples
+    try:
+        yield
+    finally:
+        for router in routers:
+            router.examples = None
 
 
 def _sync_routing(model: nn.Module) -> bool:

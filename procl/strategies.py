@@ -17,6 +17,7 @@ State that must survive a process boundary (next task, resume) goes through `sta
 from __future__ import annotations
 
 import random
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -77,6 +78,11 @@ class ContinualStrategy:
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         return None
+
+    def micro_batch(self, model: nn.Module, segments: torch.Tensor | None) -> AbstractContextManager:
+        """Around one micro-batch's forward and backward; `segments` (B, T): which example each token belongs to
+        (-1 on padding). ProCL routes per example with it; the other strategies need nothing."""
+        return nullcontext()
 
     def after_optimizer_step(self, model: nn.Module, engine: Any = None) -> None:
         """After every optimizer step; `engine` is the DeepSpeed engine when one trains the model."""
@@ -380,6 +386,9 @@ class ProCL(ContinualStrategy):
             return None
         loss = memory.protection_loss(model)
         return None if loss is None else self.config.protect_weight * loss
+
+    def micro_batch(self, model: nn.Module, segments: torch.Tensor | None) -> AbstractContextManager:
+        return memory.route_by_example(model, segments)
 
     def after_optimizer_step(self, model: nn.Module, engine: Any = None) -> None:
         if not memory.is_attached(model):

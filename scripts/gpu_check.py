@@ -37,7 +37,7 @@ import transformers  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import ModelSpec, load_tokenizer  # noqa: E402
-from pipeline.preprocess import TokenizeBatch, TrimPadding  # noqa: E402
+from pipeline.preprocess import TokenizeBatch, TrainingCollate  # noqa: E402
 from pipeline.runtime import load_base_model, lr_schedule, score, train_steps  # noqa: E402
 from pipeline.scoring import attach_strategy  # noqa: E402
 from pipeline.streams import Task  # noqa: E402
@@ -124,7 +124,7 @@ def run_chain(model_dir: Path, strategy_name: str, tasks: list[Task], device: to
     scoring_devices: set[str] = set()
     base_model.get_input_embeddings().register_forward_pre_hook(lambda _, inputs: scoring_devices.add(inputs[0].device.type))
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
-    collate = TrimPadding(labeled_logits_only=True)
+    collate = TrainingCollate(labeled_logits_only=True)
     state, step_s, tokens, train_s, eval_s = None, [], 0, 0.0, 0.0
     for index, task in enumerate(tasks):
         model, strategy = attach_strategy(config, base_model, state)

@@ -77,7 +77,8 @@ def mlflow_runs(run_dir: Path):
 # (in seconds, without a Ray chain's ~90 s of start-up on a slow CPU); the Ray path is the same for every stage
 @pytest.mark.parametrize("zero_stage", [2])
 def test_chain_runs_end_to_end_and_logs_everything(zero_stage, tmp_path):
-    config = write_config(tmp_path, f"chain-z{zero_stage}", deepspeed__zero_stage=zero_stage)
+    # packed micro-batches (tests/test_packing.py: they train as padded ones) through the real ingest path
+    config = write_config(tmp_path, f"chain-z{zero_stage}", deepspeed__zero_stage=zero_stage, training__packing=True)
     # the address file of a `ray start` that was killed: Ray's State API tries that dead cluster for 40 s a call
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
     (ray_tmp / "ray").mkdir()

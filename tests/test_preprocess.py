@@ -16,13 +16,12 @@ from conftest import tiny_gpt2, tiny_llama
 from pipeline.models import ModelSpec, accepts_logits_to_keep, load_model_and_tokenizer, load_tokenizer
 from pipeline.preprocess import (
     IGNORE_INDEX,
-    TrimPadding,
+    TrainingCollate,
     build_training_row,
     count_tokens,
     ingest_config,
     tokenize_rows,
     tokenized_dataset,
-    trim_padding,
 )
 from procl import LoraSettings, make_strategy
 from pipeline.streams import load_stream
@@ -52,7 +51,7 @@ def test_long_prompts_lose_their_middle_not_the_cue_or_target():
         build_training_row(prompt, [7, 8], max_length=3, pad_id=0, mask_prompt=True, cue_ids=[118, 119])
 
 
-def test_trim_padding_cuts_to_the_longest_row():
+def test_a_micro_batch_is_cut_to_its_longest_row_and_knows_its_examples():
     import numpy as np
 
     batch = {
@@ -60,8 +59,9 @@ def test_trim_padding_cuts_to_the_longest_row():
         "attention_mask": np.array([[1, 1, 0, 0], [1, 0, 0, 0]]),
         "labels": np.array([[-100, 2, -100, -100], [3, -100, -100, -100]]),
     }
-    out = trim_padding(batch)
+    out = TrainingCollate()(batch)
     assert out["input_ids"].tolist() == [[1, 2], [3, 0]] and out["labels"].dtype == torch.int64
+    assert out["segments"].tolist() == [[0, 0], [1, -1]]
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
@@ -77,10 +77,10 @@ def test_labelled_positions_only_give_the_same_loss_and_gradients(make_model):
     strategy.before_task(model, 0)
     assert accepts_logits_to_keep(model)
     results = []
-    for collate in (TrimPadding(), TrimPadding(labeled_logits_only=True)):
+    for collate in (TrainingCollate(), TrainingCollate(labeled_logits_only=True)):
         model.zero_grad()
         batch = collate(numpy_batch)
-        loss = model(**batch).loss
+        loss = model(**{k: v for k, v in batch.items() if k != "segments"}).loss
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (full_loss, full_grads), (kept_loss, kept_grads) = results
@@ -138,7 +138,8 @@ def _read_shard(config: dict) -> None:
 
     model, _ = load_model_and_tokenizer(ModelSpec(name="tiny-llama"))
     rows, losses, widths = 0, [], []
-    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4, collate_fn=trim_padding):
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=4, collate_fn=TrainingCollate()):
+        batch.pop("segments")
         rows += batch["input_ids"].shape[0]
         widths.append(batch["input_ids"].shape[1])
         losses.append(model(**batch).loss.item())
@@ -187,7 +188,7 @@ def test_each_epoch_reads_a_shard_in_its_own_seeded_order_the_same_on_every_run(
 
     rows = ray.data.from_items([{"input_ids": np.array([i, 1]), "attention_mask": np.array([1, 1]), "labels": np.array([i, 1])}
                                 for i in range(40)])
-    collate = TrimPadding()
+    collate = TrainingCollate()
 
     def epochs(config: ChainConfig, task_index: int) -> list[list[int]]:
         order = [int(i) for batch in _micro_batches(rows.iterator(), config, task_index, collate, torch.device("cpu"))

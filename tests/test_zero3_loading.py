@@ -45,7 +45,7 @@ def _task(index: int) -> Task:
 def _run_stage(rank: int, stage: int, model_dir: str, out: Path) -> None:
     import deepspeed
 
-    from pipeline.preprocess import TokenizeBatch, TrimPadding
+    from pipeline.preprocess import TokenizeBatch, TrainingCollate
     from pipeline.runtime import deepspeed_config, inference_engine, load_base_model, lr_schedule, score, train_steps
     from pipeline.scoring import attach_strategy
 
@@ -61,7 +61,7 @@ def _run_stage(rank: int, stage: int, model_dir: str, out: Path) -> None:
     visible = sum(p.numel() for p in weights.values())  # what a rank holds outside a gather
     tasks = [_task(i) for i in range(TASKS)]
     tokenize = TokenizeBatch(lambda: tokenizer, 64, True)
-    collate = TrimPadding(labeled_logits_only=True)
+    collate = TrainingCollate(labeled_logits_only=True)
     with inference_engine(config, base_model):  # the zero-shot row: no training engine yet
         scores = [score(config, base_model, tokenizer, tasks, rank, 2)]
     state = None
