@@ -36,7 +36,7 @@ def ray_head(tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--temp-dir={temp_dir}", f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"],
+         "--num-cpus=3", "--object-store-memory=200000000", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
