@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
 from cl_table import LABELS  # noqa: E402
+from cl_table import chains as recorded_chains  # noqa: E402
 from pipeline_overhead import run_bare  # noqa: E402
 
 from pipeline.chain import log_recorded_chain, select_tasks  # noqa: E402
@@ -150,13 +152,15 @@ def main() -> None:
                       f"({record['seconds']:.0f} s)" + (f"  sorted plasticity {record['sorted_plasticity']}" if "sorted_plasticity" in record else ""),
                       flush=True)
 
-    # the table as `procl report <out>` prints it: from the MLflow store, not from runs.jsonl
-    chains = [c for c in read_chains(tracking_uri) if c.label in args.strategies and c.order in args.orders and int(c.seed) in args.seeds]
+    # the table as `procl report <out>` prints it: from the MLflow store, not from runs.jsonl; chains the store lacks
+    # (a results folder continued on a fresh checkout keeps runs.jsonl, not the store) are tabled from runs.jsonl
+    stored = read_chains(tracking_uri) if MlflowClient(tracking_uri).get_experiment_by_name("procl") else []
+    chains = [c for c in stored if c.label in args.strategies and c.order in args.orders and int(c.seed) in args.seeds]
     logged = {(c.label, c.order, int(c.seed)) for c in chains}
     missing = [key for key in done if key not in logged and key[0] in args.strategies and key[1] in args.orders and key[2] in args.seeds]
     if missing:
-        print(f"{len(missing)} chain(s) of runs.jsonl are not in {tracking_uri} (run before chains were logged): "
-              f"benchmarks/cl_table.py {args.out} tables them all")
+        print(f"{len(missing)} chain(s) of runs.jsonl are not in {tracking_uri}: the table has them from runs.jsonl")
+        chains += recorded_chains([done[key] for key in missing], "test")
     print("\n" + markdown(chains, LABELS))
     rows = {}
     for name in args.strategies:
