@@ -152,3 +152,9 @@ def test_cl_quality_logs_its_chains_to_mlflow_and_reports_them_from_there(tmp_pa
     assert second.returncode == 0, second.stderr[-3000:]
     assert "seq_lora   order1 seed 0: AA" in second.stdout  # redone
     assert [c.run_id for c in read_chains(default_tracking_uri(out))] == [c.run_id for c in chains]
+
+    # the results folder continued on a fresh checkout: runs.jsonl kept, the store (ignored by git) gone
+    (out / "mlflow.db").unlink()
+    third = subprocess.run(command, capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "the table has them from runs.jsonl" in third.stdout and markdown(chains, LABELS).splitlines()[-1] in third.stdout
