@@ -6,7 +6,8 @@ import argparse
 
 import torch
 
-from pipeline.preprocess import IGNORE_INDEX, keep_labeled_logits
+from pipeline.preprocess import keep_labeled_logits
+from pipeline.tokenizing import IGNORE_INDEX
 
 
 def step_benchmark_parser(doc: str, batch: int) -> argparse.ArgumentParser:

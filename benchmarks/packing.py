@@ -34,7 +34,8 @@ from pipeline.chain import select_tasks  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.hardware import cpu_name  # noqa: E402
 from pipeline.models import load_model_and_tokenizer  # noqa: E402
-from pipeline.preprocess import TokenizeBatch, TrainingCollate  # noqa: E402
+from pipeline.preprocess import TrainingCollate  # noqa: E402
+from pipeline.tokenizing import TokenizeBatch  # noqa: E402
 from procl import LoraSettings, ProCLConfig, make_strategy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

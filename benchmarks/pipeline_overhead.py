@@ -273,7 +273,8 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     from pipeline.manifest import Manifest, TaskRecord
     from pipeline.scoring import score_tasks
     from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
-    from pipeline.preprocess import TokenizeBatch, TrainingCollate
+    from pipeline.preprocess import TrainingCollate
+    from pipeline.tokenizing import TokenizeBatch
     from procl import make_strategy, metrics
     from procl.checkpoint import recorded_sha256, save_strategy_state
 

@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.hardware import cpu_name  # noqa: E402
 from pipeline.memory import peak_resident_mib, resident_mib  # noqa: E402
-from pipeline.models import ModelSpec, load_tokenizer  # noqa: E402
-from pipeline.preprocess import TokenizeBatch, count_tokens, tokenized_dataset  # noqa: E402
+from pipeline.models import ModelSpec  # noqa: E402
+from pipeline.preprocess import count_tokens, tokenized_dataset  # noqa: E402
+from pipeline.tokenizing import TokenizeBatch, TokenizerLoader  # noqa: E402
 
 CLASSES = 20
 WORDS = "account balance card transfer refund order payment limit travel alarm weather music reminder recipe flight " \
@@ -54,7 +54,7 @@ def tokenisation(args: argparse.Namespace) -> dict:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     texts = [pair for task in load_stream(args.stream, args.order) for pair in task.training_texts()]
-    factory = partial(load_tokenizer, ModelSpec(name=args.model))
+    factory = TokenizerLoader.of(ModelSpec(name=args.model))
     ray_seconds = []
     for _ in range(3):
         started = time.perf_counter()
@@ -116,7 +116,7 @@ def measure_file(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     [task] = load_stream(args.measure, "main")
     sampled = time.perf_counter()
-    dataset = tokenized_dataset(task.training_texts(), partial(load_tokenizer, ModelSpec(name=args.model)), args.max_length)
+    dataset = tokenized_dataset(task.training_texts(), TokenizerLoader.of(ModelSpec(name=args.model)), args.max_length)
     tokens = count_tokens(dataset)
     done = time.perf_counter()
     return {"sample_s": round(sampled - started, 2), "tokenise_s": round(done - sampled, 2), "tokens": tokens,

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -31,6 +30,7 @@ from pipeline.manifest import Manifest, TaskRecord
 from pipeline.ray_workers import quiet_ray_data, start_ray
 from pipeline.run_lock import RunFolderLock
 from pipeline.streams import Task, check_answers_tokenize, load_stream, stream_order
+from pipeline.tokenizing import TokenizerLoader
 from procl import make_strategy, metrics
 from procl.checkpoint import META_FILE, recorded_sha256
 
@@ -73,10 +73,8 @@ def steps_per_task(config: ChainConfig, examples: int) -> int:
     return min(steps, config.training.max_steps or steps)
 
 
-def _tokenizer_factory(config: ChainConfig):
-    from pipeline.models import load_tokenizer
-
-    return partial(load_tokenizer, config.model)
+def _tokenizer_factory(config: ChainConfig) -> TokenizerLoader:
+    return TokenizerLoader.of(config.model)
 
 
 def _task_dataset(config: ChainConfig, examples: list):

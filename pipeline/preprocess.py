@@ -11,15 +11,14 @@ fewer rows), so no step computes on more padding than its batch needs. The datas
 keeps `scaling.ingest_cpus` beside its training workers for it (`pipeline.chain`), so it never
 waits for a CPU the workers hold.
 
-Tokenisation runs as Ray tasks, one per block of up to `ROWS_PER_BLOCK` rows, each loading the
-tokenizer once. Tasks run in Ray's pooled worker processes, which a chain keeps warm between tasks;
+Tokenisation (`pipeline.tokenizing`, kept light for Ray Data's split coordinators) runs as Ray tasks, one
+per block of up to `ROWS_PER_BLOCK` rows, each loading the tokenizer once. Tasks run in Ray's pooled worker processes, which a chain keeps warm between tasks;
 an actor pool started a fresh process per dataset, i.e. per task of a chain (6.6 s per task for the
 demo's 48 rows, against 0.7-1.3 s as tasks; benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -31,54 +30,9 @@ import torch.nn.functional as F
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipeline.config import TOKENIZE_CPUS
-from pipeline.prompts import ANSWER_CUE
+from pipeline.tokenizing import IGNORE_INDEX, tokenize_rows
 
-IGNORE_INDEX = -100  # positions the loss skips (torch cross-entropy's default ignore_index)
 ROWS_PER_BLOCK = 4096  # rows per tokenisation task: a tokenizer load (~0.3 s) is small against tokenising them
-
-
-def build_training_row(
-    prompt_ids: list[int], target_ids: list[int], max_length: int, pad_id: int, mask_prompt: bool, cue_ids: list[int]
-) -> tuple[list[int], list[int], list[int]]:
-    """(input_ids, attention_mask, labels) padded to max_length.
-
-    A too-long prompt loses tokens from its middle (the input text), never its instruction head or
-    its answer cue, and never the target.
-    """
-    room = max_length - len(target_ids)
-    if room <= len(cue_ids):
-        raise ValueError(f"max_length={max_length} leaves no room for a prompt before a {len(target_ids)}-token target")
-    if len(prompt_ids) > room:
-        tail = len(cue_ids)
-        prompt_ids = prompt_ids[: room - tail] + prompt_ids[-tail:]
-    ids = prompt_ids + target_ids
-    labels = ([IGNORE_INDEX] * len(prompt_ids) if mask_prompt else list(prompt_ids)) + target_ids
-    padding = max_length - len(ids)
-    return ids + [pad_id] * padding, [1] * len(ids) + [0] * padding, labels + [IGNORE_INDEX] * padding
-
-
-class TokenizeBatch:
-    """{"prompt", "continuation"} columns -> input_ids / attention_mask / labels, with its tokenizer loaded once.
-
-    `mask_prompt=False` trains on the whole sequence, as the reference code did.
-    """
-
-    def __init__(self, tokenizer_factory: Callable[[], Any], max_length: int, mask_prompt: bool = True) -> None:
-        self.tokenizer = tokenizer_factory()
-        self.max_length, self.mask_prompt = max_length, mask_prompt
-        self.pad_id = self.tokenizer.pad_token_id
-        self.eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        self.cue_ids = self.tokenizer("\n" + ANSWER_CUE, add_special_tokens=False)["input_ids"]
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        prompts = self.tokenizer(list(batch["prompt"]))["input_ids"]
-        targets = self.tokenizer(list(batch["continuation"]), add_special_tokens=False)["input_ids"]
-        rows = [
-            build_training_row(p, t + self.eos, self.max_length, self.pad_id, self.mask_prompt, self.cue_ids)
-            for p, t in zip(prompts, targets)
-        ]
-        ids, mask, labels = (np.asarray(column, dtype=np.int64) for column in zip(*rows))
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def tokenized_dataset(
@@ -110,20 +64,6 @@ def ingest_config(ingest_cpus: float):
     from ray.train import DataConfig
 
     return DataConfig(execution_options=ExecutionOptions(resource_limits=ExecutionResources(cpu=ingest_cpus), preserve_order=True))
-
-
-def tokenize_rows(batch: dict[str, np.ndarray], tokenizer_factory: Callable[[], Any], max_length: int,
-                  mask_prompt: bool) -> dict[str, np.ndarray]:
-    """map_batches function: `TokenizeBatch` over one batch, its tokenizer shared by the task's batches."""
-    return _task_tokenizer(tokenizer_factory, max_length, mask_prompt)(batch)
-
-
-@functools.lru_cache(maxsize=1)
-def _task_tokenizer(tokenizer_factory: Callable[[], Any], max_length: int, mask_prompt: bool) -> TokenizeBatch:
-    # A Ray task deserializes its arguments once, so every batch of the task passes the same factory
-    # object and the tokenizer loads once per task. The cache holds that object, so its id is never
-    # reused by another factory while cached.
-    return TokenizeBatch(tokenizer_factory, max_length, mask_prompt)
 
 
 def keep_labeled_logits(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

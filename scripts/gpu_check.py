@@ -37,7 +37,8 @@ import transformers  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
 from pipeline.models import ModelSpec, load_tokenizer  # noqa: E402
-from pipeline.preprocess import TokenizeBatch, TrainingCollate  # noqa: E402
+from pipeline.preprocess import TrainingCollate  # noqa: E402
+from pipeline.tokenizing import TokenizeBatch  # noqa: E402
 from pipeline.runtime import load_base_model, lr_schedule, score, train_steps  # noqa: E402
 from pipeline.scoring import attach_strategy  # noqa: E402
 from pipeline.streams import Task  # noqa: E402

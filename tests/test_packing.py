@@ -9,7 +9,8 @@ import torch
 
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 
-from pipeline.preprocess import IGNORE_INDEX, TrainingCollate, build_training_row, pack_examples
+from pipeline.preprocess import TrainingCollate, pack_examples
+from pipeline.tokenizing import IGNORE_INDEX, build_training_row
 from procl import LoraSettings, ProCLConfig, make_strategy
 from procl import model as memory
 from procl.layer import TokenExamples

@@ -14,15 +14,8 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 
 from pipeline.models import ModelSpec, accepts_logits_to_keep, load_model_and_tokenizer, load_tokenizer
-from pipeline.preprocess import (
-    IGNORE_INDEX,
-    TrainingCollate,
-    build_training_row,
-    count_tokens,
-    ingest_config,
-    tokenize_rows,
-    tokenized_dataset,
-)
+from pipeline.preprocess import TrainingCollate, count_tokens, ingest_config, tokenized_dataset
+from pipeline.tokenizing import IGNORE_INDEX, TokenizerLoader, build_training_row, tokenize_rows
 from procl import LoraSettings, make_strategy
 from pipeline.streams import load_stream
 
@@ -115,6 +108,23 @@ def test_a_tokenisation_task_loads_its_tokenizer_once_for_all_its_batches():
     assert (tokenize_rows(batch, other, 32, True)["labels"] == first["labels"]).all() and len(loads) == 1
 
 
+def test_the_tokenising_function_and_its_tokenizer_unpickle_without_torch_or_transformers():
+    """What Ray Data's split coordinator of every task unpickles before it streams: light, so it starts fast."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    loader = TokenizerLoader.of(TINY)
+    assert loader == TokenizerLoader.of(ModelSpec(name="tiny-llama")) and hash(loader) == hash(TokenizerLoader.of(TINY))
+    assert loader().pad_token_id == load_tokenizer(TINY).pad_token_id
+    payload = cloudpickle.dumps((tokenize_rows, loader, 32, True))
+    probe = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+             "print([m for m in ('torch', 'transformers', 'peft', 'pipeline.models') if m in sys.modules])")
+    imported = subprocess.run([sys.executable, "-c", probe], input=payload, capture_output=True, check=True).stdout.decode().strip()
+    assert imported == "[]"
+
+
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
     import ray
@@ -152,7 +162,7 @@ def test_ray_data_streams_into_a_torch_trainer_beside_workers_that_hold_their_cp
     from ray.train.torch import TorchConfig, TorchTrainer
 
     task = load_stream(CONFIGS / "topics.yaml", "order1")[1]  # amazon reviews, real text
-    dataset = tokenized_dataset(task.training_texts(), partial(load_tokenizer, TINY), max_length=1024)
+    dataset = tokenized_dataset(task.training_texts(), TokenizerLoader.of(TINY), max_length=1024)
     assert dataset.count() == 48
     tokenizer = load_tokenizer(TINY)
     answers = [tokenizer(" " + answer, add_special_tokens=False)["input_ids"] for answer in task.answers]

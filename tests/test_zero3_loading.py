@@ -45,7 +45,8 @@ def _task(index: int) -> Task:
 def _run_stage(rank: int, stage: int, model_dir: str, out: Path) -> None:
     import deepspeed
 
-    from pipeline.preprocess import TokenizeBatch, TrainingCollate
+    from pipeline.preprocess import TrainingCollate
+    from pipeline.tokenizing import TokenizeBatch
     from pipeline.runtime import deepspeed_config, inference_engine, load_base_model, lr_schedule, score, train_steps
     from pipeline.scoring import attach_strategy
 
