@@ -78,10 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def plan(config: ChainConfig) -> dict:
     """What `run` will do: tasks, sizes, steps, workers, resources, a rough time estimate."""
-    from pipeline.chain import select_tasks, steps_per_task
+    from pipeline.chain import init_ray, select_tasks, steps_per_task
     from pipeline.models import load_tokenizer
-    from pipeline.streams import check_answers_tokenize
+    from pipeline.streams import check_answers_tokenize, stream_order
 
+    stream_order(config.stream.path, config.stream.order)  # a bad stream file fails before Ray starts
+    try:
+        init_ray(config)  # the tasks are sampled on Ray Data: on the config's cluster where it can be joined
+    except ConnectionError:  # a cluster config planned away from its cluster (before `ray up`): sample here
+        init_ray(config.model_copy(update={"ray": config.ray.model_copy(update={"address": None})}))
     tasks = select_tasks(config)
     tokenizer = load_tokenizer(config.model, download=False)  # a dry run downloads nothing
     if tokenizer is None:
