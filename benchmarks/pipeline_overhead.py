@@ -272,7 +272,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
 
     from pipeline.manifest import Manifest, TaskRecord
     from pipeline.scoring import score_tasks
-    from pipeline.models import accepts_logits_to_keep, load_model_and_tokenizer
+    from pipeline.models import load_model_and_tokenizer
     from pipeline.preprocess import TrainingCollate
     from pipeline.tokenizing import TokenizeBatch
     from procl import make_strategy, metrics
@@ -298,8 +298,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
 
     strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
     model = strategy.build(model)
-    collate = TrainingCollate(labeled_logits_only=accepts_logits_to_keep(model),  # as the pipeline's workers
-                              pack_to=config.training.max_length if config.training.packing else None)
+    collate = TrainingCollate.for_training(model, config.training)  # as the pipeline's workers
     tokenize = TokenizeBatch(lambda: tokenizer, config.training.max_length, config.training.mask_prompt)
     workers, micro, accumulation = config.scaling.num_workers, config.training.batch_size, config.training.gradient_accumulation
     plain_lora = config.exports_plain_lora()

@@ -139,6 +139,14 @@ class TrainingCollate(NumpyBatchCollateFn):
         super().__init__()
         self.labeled_logits_only, self.pack_to = labeled_logits_only, pack_to
 
+    @classmethod
+    def for_training(cls, model, training) -> "TrainingCollate":
+        """As the workers train `model` under `training` (`TrainingSettings`): the LM head and loss on the answer
+        positions where the model's forward takes logits_to_keep, packed into rows of max_length with `packing`."""
+        from pipeline.models import accepts_logits_to_keep
+
+        return cls(labeled_logits_only=accepts_logits_to_keep(model), pack_to=training.max_length if training.packing else None)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         if self.pack_to:
             columns = pack_examples(batch, self.pack_to)

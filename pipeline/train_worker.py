@@ -36,7 +36,6 @@ import transformers
 
 from pipeline.config import ChainConfig
 from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, release_freed_memory, resident_mib
-from pipeline.models import accepts_logits_to_keep
 from pipeline.preprocess import TrainingCollate
 from pipeline.ray_workers import verbose
 from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed, largest_memory, load_base_model,
@@ -227,8 +226,7 @@ def train_chain(loop_config: dict[str, Any]) -> None:
             if every and progress["steps"] % every == 0:
                 _report(strategy.state(model), progress, {"task_index": task_index, "step": progress["steps"], "loss": loss}, engine)
 
-        collate = TrainingCollate(labeled_logits_only=accepts_logits_to_keep(model),  # LM head + loss on answer positions only
-                                  pack_to=config.training.max_length if config.training.packing else None)
+        collate = TrainingCollate.for_training(model, config.training)  # LM head + loss on answer positions only
         train_steps(engine, model, strategy, _micro_batches(task_shard(task_index), config, task_index, collate, engine.device), progress,
                     entry["steps"], config.training.gradient_accumulation, after_step)
 
