@@ -129,7 +129,7 @@ def main() -> None:
                                                    f"run_name={name}-{order}-seed{seed}"])
                 tasks = select_tasks(config)
                 run_started = time.time()
-                result = run_bare(config, tasks, args.threads, config.run_dir(), zero_shot=zero_shot)
+                result = run_bare(config, tasks, args.threads, config.run_folder().local_path, zero_shot=zero_shot)
                 zero_shot = result["zero_shot"]
                 if args.zero_shot and f"{order}/seed{seed}" not in shared:
                     shared[f"{order}/seed{seed}"] = zero_shot

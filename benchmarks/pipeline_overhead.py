@@ -198,7 +198,7 @@ def run_pipeline(config, log_path: str) -> dict:
         for owner, name, fn in saved:
             setattr(owner, name, fn)
         ray.shutdown()
-    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    manifest = json.loads((result.run_folder.local_path / "manifest.json").read_text())
     return {"start": start, "end": end, "events": rec.events, "manifest": manifest, "matrix": result.matrix, "summary": result.summary}
 
 
@@ -271,6 +271,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
     import torch
 
     from pipeline.manifest import Manifest, TaskRecord
+    from pipeline.storage import RunFolder
     from pipeline.scoring import score_tasks
     from pipeline.models import load_model_and_tokenizer
     from pipeline.preprocess import TrainingCollate
@@ -368,7 +369,7 @@ def run_bare(config, tasks, threads: int, out_dir: Path, zero_shot: dict | None 
         strategy.export(model, out_dir / "bare-adapter")
         manifest.adapter_dir = str(out_dir / "bare-adapter")
     export_s = time.time() - t
-    manifest.save(out_dir)
+    manifest.save(RunFolder.at(out_dir))
     total = time.time() - start
     matrix, validation_matrix = manifest.matrix("test"), manifest.matrix("validation")
     return {"total_s": total, "model_load_s": model_load_s, "zero_shot_s": zero_shot_s, "export_s": export_s,

@@ -49,7 +49,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="procl-worker-memory-") as tmp:
         config = load_config(args.config, [*overrides, "run_name=worker-memory", f"output_dir={tmp}/runs"])
         result = run_chain(config)
-        manifest = json.loads((result.run_dir / "manifest.json").read_text())
+        manifest = json.loads((result.run_folder.local_path / "manifest.json").read_text())
 
     rows = [{"task": record["name"], **record["memory"], **{f"{phase}_s": s for phase, s in record["seconds"].items()}}
             for record in manifest["tasks"]]

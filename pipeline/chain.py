@@ -15,7 +15,6 @@ import gc
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,9 +25,10 @@ from pathlib import Path
 from rich.console import Console
 
 from pipeline.config import ConfigError, ChainConfig
-from pipeline.manifest import Manifest, TaskRecord
+from pipeline.manifest import MANIFEST, Manifest, TaskRecord
 from pipeline.ray_workers import quiet_ray_data, start_ray
 from pipeline.run_lock import RunFolderLock
+from pipeline.storage import RunFolder
 from pipeline.streams import Task, check_answers_tokenize, load_stream, stream_order
 from pipeline.tokenizing import TokenizerLoader
 from procl import make_strategy, metrics
@@ -39,10 +39,10 @@ console = Console()
 
 @dataclass
 class ChainResult:
-    run_dir: Path
+    run_folder: RunFolder
     matrix: list[list[float]]
     summary: dict[str, float]
-    adapter_dir: Path | None
+    adapter_dir: RunFolder | None
     tracking_uri: str
     mlflow_run_id: str | None
 
@@ -98,7 +98,7 @@ def check_cluster_cpus(config: ChainConfig, cluster_cpus: float | None = None) -
                           "lower them or give Ray more CPUs (ray.num_cpus for a local Ray)")
 
 
-def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: Path | None,
+def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tuple[int, list]], previous_state: RunFolder | None,
                           zero_shot: bool, export: bool) -> Iterator[dict]:
     """Run the chain's worker group (one Ray Train fit): the zero-shot row if `zero_shot`, the planned (task
     index, training examples) in order, then the export if `export`. Yields each result
@@ -128,6 +128,9 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
     # trial the default would place it in the trial's placement group)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    run_folder = config.run_folder()
+    # Ray Train persists the workers' checkpoints in the run folder, through its filesystem when that is object storage
+    storage = run_folder / "ray"
     trainer = TorchTrainer(
         train_chain,
         train_loop_config={
@@ -148,10 +151,11 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name="chain",
-            storage_path=str(config.run_dir() / "ray"),
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.filesystem,
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[TaskResults(config.run_dir(), queue)],
+            callbacks=[TaskResults(run_folder, queue)],
         ),
     )
     outcome: dict = {}
@@ -189,7 +193,7 @@ def _worker_group_results(config: ChainConfig, tasks: list[Task], plan: list[tup
         raise RuntimeError(f"{stage} ended without reporting its results ({outcome['result'].error})")
 
 
-def _training_plan(config: ChainConfig, tasks: list[Task], pending: list[int], previous: Path | None) -> list[tuple[int, list]]:
+def _training_plan(config: ChainConfig, tasks: list[Task], pending: list[int], previous: RunFolder | None) -> list[tuple[int, list]]:
     """(task index, training examples) of each pending task: replay and multitask mix in earlier tasks' examples,
     which depend on the data alone, so every task's examples are known before training starts."""
     data_strategy = make_strategy(config.strategy.name, seed=config.training.seed, **config.strategy.options())
@@ -219,26 +223,26 @@ def run_chain(config: ChainConfig, config_file: Path | None = None, *, parent_ru
     and `on_task_done(record, manifest)` is called after each task, also for tasks a resumed chain skips
     (a Tune trial reports its objective there).
     """
-    run_dir = config.run_dir()
+    run_folder = config.run_folder()
     with ExitStack() as owned:  # one driver per chain, to its end
         # a run folder that exists may have a live owner: a second driver is refused at once, not after sampling;
         # a new one is created only once the data has been checked (bad data writes nothing)
-        existed = run_dir.exists()
+        existed = run_folder.exists()
         if existed:
-            owned.enter_context(_own_run_folder(run_dir))
+            owned.enter_context(_own_run_folder(run_folder))
         console.print(f"[bold]sampling[/] the tasks of {config.stream.path}")  # Ray starts here: sampling runs on Ray Data
         tasks = select_tasks(config)  # data problems fail here, before anything is written or trained
         check_cluster_cpus(config)  # the worker group's and its ingest's: only a chain that trains needs them
         check_answers_tokenize(tasks, _tokenizer_factory(config)())
         precision = config.precision_note()  # settles the precision: a setting this machine cannot run (flash attention) fails here
         if not existed:
-            owned.enter_context(_own_run_folder(run_dir))
+            owned.enter_context(_own_run_folder(run_folder))
         return _drive_chain(config, tasks, precision, config_file, parent_run_id, tags, on_task_done)
 
 
-def _own_run_folder(run_dir: Path) -> RunFolderLock:
-    _check_writable(run_dir)
-    return RunFolderLock(run_dir)
+def _own_run_folder(run_folder: RunFolder) -> RunFolderLock:
+    _check_writable(run_folder)
+    return RunFolderLock(run_folder)
 
 
 def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_file: Path | None, parent_run_id: str | None,
@@ -246,12 +250,12 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
     from pipeline.mlflow_store import default_tracking_uri
     from pipeline.tracking import ChainTracker
 
-    run_dir = config.run_dir()
-    manifest = Manifest.open(run_dir, config.fingerprint(), [task.name for task in tasks])
-    # one default store for every chain under output_dir, so strategies compare side by side in one UI
-    store_dir = run_dir.parent
+    run_folder = config.run_folder()
+    manifest = Manifest.open(run_folder, config.fingerprint(), [task.name for task in tasks])
+    # one default store for every chain under output_dir, so strategies compare side by side in one UI (an
+    # output_dir in object storage has tracking.uri set: the config refuses it otherwise)
+    store_dir = run_folder.parent.local_path
     tracking_uri = config.tracking.uri or default_tracking_uri(store_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     tracker = ChainTracker(tracking_uri, config.tracking.experiment, store_dir)  # an unusable store fails now
     print(precision)
     init_ray(config)
@@ -264,7 +268,7 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
                 record = manifest.task(index)
                 if record.mlflow_run_id is None:  # the driver stopped between recording the task and logging it
                     record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
-                    manifest.save(run_dir)
+                    manifest.save(run_folder)
                 console.print(f"[dim]task {index + 1}/{len(tasks)} {tasks[index].name}: finished earlier, skipped[/]")
                 if on_task_done:
                     on_task_done(record, manifest)
@@ -284,20 +288,20 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
                 if results["kind"] == "zero_shot":
                     if manifest.zero_shot is None:  # a restart before the first checkpoint reports it again
                         manifest.zero_shot, manifest.zero_shot_seconds = results["scores"], results["seconds"]
-                        manifest.save(run_dir)
+                        manifest.save(run_folder)
                         console.print(f"zero-shot: test {_format(results['scores']['test'])}")
                     last_end = time.monotonic()
                 elif results["kind"] == "export":
                     manifest.adapter_dir = results["adapter_dir"]
-                    _log_chain_artifacts(tracker, manifest, run_dir)
+                    _log_chain_artifacts(tracker, manifest, run_folder)
                 else:
                     seconds = results["seconds"] | {"task": time.monotonic() - last_end}  # "task": since the previous task's end
                     last_end = time.monotonic()
                     seconds["train"] = seconds["task"] - seconds["evaluate"]  # with start-up and data: all but scoring
                     record = _record_task(manifest, tasks, results, seconds, train_examples[results["index"]])
-                    manifest.save(run_dir)
+                    manifest.save(run_folder)
                     record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
-                    manifest.save(run_dir)
+                    manifest.save(run_folder)
                     console.print(f"task {record.index + 1}/{len(tasks)} {record.name}: test {_format(record.test)}  "
                                   f"(train {seconds['train']:.0f} s, evaluate {seconds['evaluate']:.0f} s)")
                     if on_task_done:
@@ -305,13 +309,13 @@ def _drive_chain(config: ChainConfig, tasks: list[Task], precision: str, config_
         if manifest.adapter_dir is None and not config.exports_plain_lora():
             console.print("no adapter export: procl.reference_mlp keeps an MLP in the model at inference; "
                           f"the model is the last checkpoint, {manifest.last_state()}")
-            _log_chain_artifacts(tracker, manifest, run_dir)
+            _log_chain_artifacts(tracker, manifest, run_folder)
         share = _log_evaluation_share(tracker, manifest)
         if not math.isnan(share):
             console.print(f"evaluation took {share:.0%} of the chain's task time")
     matrix = manifest.matrix("test")
-    adapter_dir = Path(manifest.adapter_dir) if manifest.adapter_dir else None
-    return ChainResult(run_dir, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
+    adapter_dir = RunFolder.at(manifest.adapter_dir) if manifest.adapter_dir else None
+    return ChainResult(run_folder, matrix, metrics.summary(matrix), adapter_dir, tracking_uri, manifest.mlflow_run_id)
 
 
 def log_recorded_chain(config: ChainConfig, manifest: Manifest, tracking_uri: str) -> str:
@@ -322,14 +326,14 @@ def log_recorded_chain(config: ChainConfig, manifest: Manifest, tracking_uri: st
     Saves the manifest with the run ids; returns the chain run's id."""
     from pipeline.tracking import ChainTracker
 
-    run_dir = config.run_dir()
+    run_folder = config.run_folder()
     tasks = select_tasks(config)
     datasets = _task_inputs(tasks)
-    with ChainTracker(tracking_uri, config.tracking.experiment, run_dir.parent) as tracker:
+    with ChainTracker(tracking_uri, config.tracking.experiment, run_folder.parent.local_path) as tracker:
         _start_chain_run(tracker, config, manifest, datasets, start_time=manifest.started_at())
         for record in manifest.tasks:
             record.mlflow_run_id = _log_task(tracker, manifest, record, config, datasets[record.name])
-        _log_chain_artifacts(tracker, manifest, run_dir)
+        _log_chain_artifacts(tracker, manifest, run_folder)
         _log_evaluation_share(tracker, manifest)
     return manifest.mlflow_run_id
 
@@ -350,13 +354,14 @@ def _start_chain_run(tracker, config: ChainConfig, manifest: Manifest, datasets:
         resolved_config=config.model_dump(mode="json"), datasets=[entry for entries in datasets.values() for entry in entries],
         start_time=start_time,
     )
-    manifest.save(config.run_dir())
+    manifest.save(config.run_folder())
 
 
-def _log_chain_artifacts(tracker, manifest: Manifest, run_dir: Path) -> None:
+def _log_chain_artifacts(tracker, manifest: Manifest, run_folder: RunFolder) -> None:
     """The chain's end products on its run: the exported adapter (when there is one) and the manifest."""
-    adapter = {"adapter": Path(manifest.adapter_dir)} if manifest.adapter_dir else {}
-    tracker.log_artifacts(adapter | {"manifest": manifest.save(run_dir)})
+    with ExitStack() as local:  # MLflow logs local files: a run folder in object storage is downloaded first
+        adapter = {"adapter": local.enter_context(RunFolder.at(manifest.adapter_dir).local_copy())} if manifest.adapter_dir else {}
+        tracker.log_artifacts(adapter | {"manifest": local.enter_context(manifest.save(run_folder).local_copy())})
 
 
 def _log_evaluation_share(tracker, manifest: Manifest) -> float:
@@ -368,29 +373,30 @@ def _log_evaluation_share(tracker, manifest: Manifest) -> float:
 
 
 def _record_task(manifest: Manifest, tasks: list[Task], results: dict, seconds: dict[str, float], train_examples: int) -> TaskRecord:
-    state_dir = Path(results["state_dir"])
+    state_dir = RunFolder.at(results["state_dir"])
+    with state_dir.local_copy() as folder:
+        tensors_sha256 = recorded_sha256(folder)
     scores = results["scores"]
-    record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), recorded_sha256(state_dir),
+    record = TaskRecord(results["index"], tasks[results["index"]].name, str(state_dir), tensors_sha256,
                         scores["test"], scores["validation"], results["losses"], seconds=seconds, resumed_at=results["resumed_at"],
                         memory=results["memory"], ended_at=time.time(), train_examples=train_examples)
     manifest.record(record)
     return record
 
 
-def _check_writable(run_dir: Path) -> None:
+def _check_writable(run_folder: RunFolder) -> None:
     """Create the run folder and prove it writable now, not when the first task's checkpoint is due."""
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-test-"):
-            pass
+        run_folder.make()
+        run_folder.probe_writable()
     except OSError as error:
-        raise ConfigError(f"output_dir: cannot write the run folder {run_dir} ({error.strerror or error})") from error
+        raise ConfigError(f"output_dir: cannot write the run folder {run_folder} ({getattr(error, 'strerror', None) or error})") from error
 
 
 def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConfig, datasets: list) -> str:
     from pipeline.tracking import MATRIX_TABLE, VALIDATION_MATRIX_TABLE
 
-    state_dir = Path(record.state_dir)
+    state = RunFolder.at(record.state_dir)
     rows = record.index + 2  # zero-shot row + tasks up to this one, also when re-logging an earlier task
     test_matrix = manifest.matrix("test")[:rows]
     validation_matrix = manifest.matrix("validation")[:rows]
@@ -402,27 +408,30 @@ def _log_task(tracker, manifest: Manifest, record: TaskRecord, config: ChainConf
     task_metrics["cl/validation_average_accuracy"] = metrics.average_accuracy(validation_matrix)
     task_metrics |= {f"seconds/{phase}": value for phase, value in record.seconds.items()}
     task_metrics |= {f"memory/{name}": value for name, value in record.memory.items()}
-    usage = json.loads((state_dir / META_FILE).read_text()).get("task_slot_usage")
+    usage = json.loads((state / META_FILE).read_text()).get("task_slot_usage")
     span = None
     if record.ended_at is not None and "task" in record.seconds:
         span = (record.ended_at - record.seconds["task"], record.ended_at)
     figures = _task_figures(manifest, record, test_matrix, usage)
-    nested = tracker.log_task(
-        record.index,
-        record.name,
-        span=span,
-        datasets=datasets,
-        params={"task_name": record.name, "optimizer_steps": len(record.losses)}
-        | ({} if record.train_examples is None else {"train_examples": record.train_examples}),
-        train_losses=record.losses,
-        metrics=task_metrics,
-        figures=figures,
-        records={"accuracy_matrix.json": _matrix_record(test_matrix, manifest.task_names, record.index)}
-        | ({"slot_usage.json": usage} if usage else {}),
-        tables={MATRIX_TABLE: _matrix_columns(test_matrix, manifest.task_names),
-                VALIDATION_MATRIX_TABLE: _matrix_columns(validation_matrix, manifest.task_names)},
-        artifacts={f"checkpoints/task_{record.index}": state_dir, "manifest": config.run_dir() / "manifest.json"},
-    )
+    with ExitStack() as local:  # MLflow logs local files: a run folder in object storage is downloaded first
+        artifacts = {f"checkpoints/task_{record.index}": local.enter_context(state.local_copy()),
+                     "manifest": local.enter_context((config.run_folder() / MANIFEST).local_copy())}
+        nested = tracker.log_task(
+            record.index,
+            record.name,
+            span=span,
+            datasets=datasets,
+            params={"task_name": record.name, "optimizer_steps": len(record.losses)}
+            | ({} if record.train_examples is None else {"train_examples": record.train_examples}),
+            train_losses=record.losses,
+            metrics=task_metrics,
+            figures=figures,
+            records={"accuracy_matrix.json": _matrix_record(test_matrix, manifest.task_names, record.index)}
+            | ({"slot_usage.json": usage} if usage else {}),
+            tables={MATRIX_TABLE: _matrix_columns(test_matrix, manifest.task_names),
+                    VALIDATION_MATRIX_TABLE: _matrix_columns(validation_matrix, manifest.task_names)},
+            artifacts=artifacts,
+        )
     # A matplotlib Figure is a web of reference cycles that holds its rendered pixels in native memory, so only
     # the cyclic collector frees it; with torch and Ray loaded, full collections are rare and every task's
     # figures stayed: the driver grew 5-8 MiB per task (benchmarks/chain_memory.py). One full collection per

@@ -23,6 +23,7 @@ from rich.table import Table
 from pipeline.config import ChainConfig, load_config
 from pipeline.interrupts import as_stopped, stop_on_signals
 from pipeline.ray_workers import VERBOSE_ENV
+from pipeline.storage import RunFolder, is_uri
 
 console = Console()
 
@@ -51,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(commands.add_parser("plan", help="print what a config will do, without training"))
     evaluate = commands.add_parser("eval", help="score a checkpoint on every task of the config's stream")
     _add_config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", type=Path, required=True, help="a state folder, e.g. runs/NAME/checkpoints/task_3")
+    evaluate.add_argument("--checkpoint", required=True, help="a state folder, e.g. runs/NAME/checkpoints/task_3 (or its URI)")
     export = commands.add_parser("export", help="write a checkpoint as a plain peft LoRA adapter")
     _add_config_arguments(export)
-    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--checkpoint", required=True, help="a state folder (or its URI)")
     export.add_argument("--out", type=Path, required=True, help="adapter folder to write")
     tune = commands.add_parser("tune", help="Ray Tune sweep (Optuna + ASHA) of a chain over a search space; same name resumes")
     _add_config_arguments(tune)
@@ -109,7 +110,8 @@ def plan(config: ChainConfig) -> dict:
                      "eval_s": eval_examples * config.training.max_length / 2 * eval_rate})
     zero_shot = sum(len(t.splits["validation"]) + len(t.splits["test"]) for t in tasks) * config.training.max_length / 2 * eval_rate
     return {
-        "run_dir": str(config.run_dir()),
+        # as written for object storage: opening it (pyarrow asks S3 for the bucket's region) needs the network
+        "run_dir": f"{config.output_dir.rstrip('/')}/{config.run_name}" if is_uri(config.output_dir) else str(config.run_folder()),
         "strategy": config.strategy.name,
         "model": config.model.name,
         "workers": config.scaling.num_workers,
@@ -206,13 +208,17 @@ def _command(args: argparse.Namespace) -> None:
         from procl.checkpoint import read_state
 
         settled = config.on_device("cpu")
-        model, tokenizer = model_to_score(settled, read_state(args.checkpoint))
+        with RunFolder.at(args.checkpoint).local_copy() as checkpoint:
+            state = read_state(checkpoint)
+        model, tokenizer = model_to_score(settled, state)
         print(json.dumps(score_tasks(model, tokenizer, select_tasks(config), settled)))
     elif args.command == "export":
         from pipeline.scoring import load_trained
         from procl.checkpoint import read_state
 
-        model, _, strategy = load_trained(config.on_device("cpu"), read_state(args.checkpoint))
+        with RunFolder.at(args.checkpoint).local_copy() as checkpoint:
+            state = read_state(checkpoint)
+        model, _, strategy = load_trained(config.on_device("cpu"), state)
         console.print(f"adapter written to {strategy.export(model, args.out)}")
 
 def _report(args: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.evaluation import CANDIDATE_PASS_MIB
 from pipeline.hardware import bf16_support
 from pipeline.models import ModelSpec
+from pipeline.storage import RunFolder, is_uri
 from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import LoraSettings, ProCLConfig
 from procl.strategies import STRATEGIES
@@ -176,10 +177,16 @@ class ChainConfig(_Strict):
             # the loss reads whole LoRA factors outside the forward, where ZeRO-3 keeps only shards
             raise ValueError(f"strategy {self.strategy.name} does not run under deepspeed.zero_stage 3 (its {loss} needs "
                              "whole LoRA factors); use zero_stage 0-2 (LoRA weights are small) or another strategy")
+        if is_uri(self.output_dir) and self.tracking.uri is None:
+            # sqlite needs a POSIX file: the default store under output_dir cannot live in object storage
+            raise ValueError(f"tracking.uri: output_dir {self.output_dir} is object storage, where the default MLflow store "
+                             "(sqlite under output_dir) cannot live; set tracking.uri to an MLflow server "
+                             "(http://HEAD:5000) or a local store (sqlite:////ABSOLUTE/PATH/mlflow.db)")
         return self
 
-    def run_dir(self) -> Path:
-        return Path(self.output_dir).resolve() / self.run_name
+    def run_folder(self) -> RunFolder:
+        """The chain's run folder: `<output_dir>/<run_name>`, a local path or object storage (pipeline.storage)."""
+        return RunFolder.at(self.output_dir) / self.run_name
 
     def exports_plain_lora(self) -> bool:
         """False only for ProCL's reference-fidelity variant, whose MLP stays in the model at inference:

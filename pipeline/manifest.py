@@ -1,6 +1,6 @@
 """The chain manifest: what a run has finished, so a re-submitted chain skips it and continues.
 
-`<run_dir>/manifest.json` records the config fingerprint, the MLflow parent run, the zero-shot
+`<run folder>/manifest.json` records the config fingerprint, the MLflow parent run, the zero-shot
 scores, and per finished task its checkpoint folder (with the sha256 of its tensor file), its
 score rows and its training losses. It is rewritten atomically after every change, and logged
 to MLflow too. A checkpoint whose hash no longer matches is reported, never loaded.
@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from procl.atomic import atomic_write_text
-from procl.checkpoint import META_FILE, TENSORS_FILE, sha256_file
+from pipeline.storage import RunFolder
+from procl.checkpoint import META_FILE, TENSORS_FILE
 
 MANIFEST = "manifest.json"
 
@@ -58,9 +57,9 @@ class Manifest:
 
     # -- persistence ---------------------------------------------------------------------------
     @classmethod
-    def open(cls, run_dir: Path, fingerprint: str, task_names: list[str]) -> "Manifest":
+    def open(cls, run_folder: RunFolder, fingerprint: str, task_names: list[str]) -> "Manifest":
         """The run folder's manifest, or a new one; refuses a folder that holds a different chain."""
-        path = run_dir / MANIFEST
+        path = run_folder / MANIFEST
         if not path.exists():
             return cls(fingerprint, task_names)
         try:
@@ -70,16 +69,18 @@ class Manifest:
             raise ManifestError(f"{path} is not a readable chain manifest ({error}); move the run folder aside to start over") from error
         if manifest.fingerprint != fingerprint or manifest.task_names != task_names:
             raise ManifestError(
-                f"{run_dir} holds a chain with different settings (model, stream, strategy or training changed); "
+                f"{run_folder} holds a chain with different settings (model, stream, strategy or training changed); "
                 "use another run_name to start a new chain, or restore the original config to resume"
             )
         for record in manifest.tasks:
             manifest.verify(record)
         return manifest
 
-    def save(self, run_dir: Path) -> Path:
-        """Atomic rewrite: temp file in the same folder, then rename."""
-        return atomic_write_text(run_dir / MANIFEST, json.dumps(asdict(self), indent=1, allow_nan=True))
+    def save(self, run_folder: RunFolder) -> RunFolder:
+        """Replaced whole (pipeline.storage: a temporary file and a rename, or one PUT)."""
+        path = run_folder / MANIFEST
+        path.write_text(json.dumps(asdict(self), indent=1, allow_nan=True))
+        return path
 
     # -- progress ------------------------------------------------------------------------------
     def is_done(self, index: int) -> bool:
@@ -88,8 +89,8 @@ class Manifest:
     def task(self, index: int) -> TaskRecord:
         return next(record for record in self.tasks if record.index == index)
 
-    def last_state(self) -> Path | None:
-        return Path(self.tasks[-1].state_dir) if self.tasks else None
+    def last_state(self) -> RunFolder | None:
+        return RunFolder.at(self.tasks[-1].state_dir) if self.tasks else None
 
     def record(self, record: TaskRecord) -> None:
         self.tasks = [r for r in self.tasks if r.index != record.index] + [record]
@@ -97,11 +98,11 @@ class Manifest:
 
     @staticmethod
     def verify(record: TaskRecord) -> None:
-        folder = Path(record.state_dir)
+        folder = RunFolder.at(record.state_dir)
         for name in (TENSORS_FILE, META_FILE):
             if not (folder / name).is_file():
                 raise ManifestError(f"checkpoint of task {record.index} ({record.name}) is missing {folder / name}")
-        if sha256_file(folder / TENSORS_FILE) != record.tensors_sha256:
+        if (folder / TENSORS_FILE).sha256() != record.tensors_sha256:
             raise ManifestError(
                 f"checkpoint of task {record.index} ({record.name}) at {folder} does not match its recorded sha256: "
                 "truncated or altered; it will not be loaded"

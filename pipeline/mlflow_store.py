@@ -91,17 +91,20 @@ def _probe_sqlite(db: Path, safe_uri: str) -> None:
         raise StoreUnusable(f"MLflow store {safe_uri} is not usable: {error_line(exc)}") from exc
 
 
-def _artifact_location(tracking_uri: str, run_dir: Path) -> str | None:
+def _artifact_location(tracking_uri: str, run_dir: Path | None) -> str | None:
     # A server chooses (and may proxy) artifact storage itself; local stores keep artifacts in the run
-    # folder, not in ./mlruns of whatever the working directory happens to be.
+    # folder (or, without a local one, beside the sqlite database), not in ./mlruns of whatever the working
+    # directory happens to be.
     if urlsplit(tracking_uri).scheme in ("http", "https", "databricks"):
         return None
+    if run_dir is None:
+        run_dir = Path(tracking_uri.removeprefix("sqlite:///").split("?", 1)[0]).parent
     folder = run_dir / "mlartifacts"
     folder.mkdir(exist_ok=True)
     return folder.as_uri()
 
 
-def open_experiment(client: MlflowClient, name: str, run_dir: Path) -> str:
+def open_experiment(client: MlflowClient, name: str, run_dir: Path | None) -> str:
     """The id of the active experiment `name`, created (artifacts under `run_dir` for a local store) if missing.
     Writes an experiment tag: a read-only or locked store fails here, not after the first task trained."""
     safe_uri = redact_uri(client.tracking_uri)
@@ -118,7 +121,7 @@ def open_experiment(client: MlflowClient, name: str, run_dir: Path) -> str:
     if experiment.lifecycle_stage != "active":
         raise TrackingError(f"MLflow experiment {name!r} at {safe_uri} is deleted; restore it (mlflow experiments restore) or use another name")
     location = experiment.artifact_location
-    if location.startswith("file:") and not location.startswith(run_dir.as_uri()):
+    if run_dir is not None and location.startswith("file:") and not location.startswith(run_dir.as_uri()):
         log.warning("experiment %r keeps its artifacts in %s, outside this chain's run folder %s", name, location, run_dir)
     client.set_experiment_tag(experiment.experiment_id, "procl.last_tracker_start", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return experiment.experiment_id

@@ -139,15 +139,18 @@ class ChainTracker:
     replaced by ``"<redacted>"``.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, run_dir: Path | None) -> None:
+        """`run_dir`: the local folder where a local store keeps a new experiment's artifacts (`mlartifacts/`);
+        None (an output_dir in object storage): beside the sqlite database."""
         self.tracking_uri = tracking_uri
-        self.run_dir = Path(run_dir).expanduser().resolve()
+        self.run_dir = None if run_dir is None else Path(run_dir).expanduser().resolve()
         self._safe_uri = redact_uri(tracking_uri)
         self.parent_run_id: str | None = None
         self._open_nested: str | None = None
         self._finished = False
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.run_dir is not None:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnusable(f"cannot create the run folder {self.run_dir} for MLflow at {self._safe_uri}: {error_line(exc)}") from exc
         check_store(tracking_uri)

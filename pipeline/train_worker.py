@@ -42,6 +42,7 @@ from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed
                               load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
                               save_optimizer_state, score, settle_precision, train_steps)
 from pipeline.scoring import attach_strategy
+from pipeline.storage import RunFolder
 from pipeline.task_results import ADAPTER, PROGRESS, RESULT, STATE
 from procl.checkpoint import read_state, write_state
 
@@ -106,13 +107,16 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_s
     resumes, after the export nothing is left. One of an earlier fit of the chain (a driver killed and the
     chain re-submitted) is used only mid-way through the first planned task: had that fit finished the
     task, its results would have reached the driver's manifest, and the task would not be planned again,
-    so they were lost and it is trained again. Otherwise the plan starts from `previous_state` (None: the
-    first task of the chain).
+    so they were lost and it is trained again. Otherwise the plan starts from `previous_state` (a run folder's
+    checkpoint, a path or URI; None: the first task of the chain).
     """
     import ray.train
 
     def from_previous_state(this_fit: bool = False) -> ResumePoint:
-        return ResumePoint(0, read_state(previous_state) if previous_state is not None else None, None, None, this_fit)
+        if previous_state is None:
+            return ResumePoint(0, None, None, None, this_fit)
+        with RunFolder.at(previous_state).local_copy() as folder:  # the run folder's checkpoint: a download from object storage
+            return ResumePoint(0, read_state(folder), None, None, this_fit)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 
 from pipeline.config import ConfigError, ChainConfig, set_path, validate_config
+from pipeline.storage import is_uri
 from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import metrics
 from procl.atomic import atomic_write_text
@@ -231,6 +232,9 @@ def run_sweep(config: ChainConfig, config_file: Path | None, space_file: Path, t
 
     if trials < 1:
         raise ConfigError(f"--trials: expected at least 1, got {trials}")
+    if is_uri(config.output_dir):  # the sweep's own folder (Tune's state, sweep.json) is written with local paths
+        raise ConfigError(f"output_dir: a sweep needs a local or shared path, {config.output_dir} is object storage; "
+                          "single chains (`procl run`) can keep their run folders there")
     base = config.model_dump(mode="json")
     base["stream"]["path"] = str(Path(base["stream"]["path"]).resolve())  # trials run with another working dir
     space = load_space(Path(space_file), base)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pipeline.manifest import Manifest, TaskRecord
+from pipeline.storage import RunFolder
 from procl.checkpoint import TENSORS_FILE, sha256_file, write_state
 
 
@@ -33,6 +34,6 @@ def test_a_manifest_written_before_timings_existed_still_resumes(tmp_path):
                       "test": {"t0": 0.5}, "validation": {"t0": 0.5}, "losses": [1.0], "mlflow_run_id": None}],
            "adapter_dir": None}
     (tmp_path / "manifest.json").write_text(json.dumps(old))
-    manifest = Manifest.open(tmp_path, "f", ["t0", "t1"])
+    manifest = Manifest.open(RunFolder.at(tmp_path), "f", ["t0", "t1"])
     assert manifest.is_done(0) and not manifest.is_done(1)
     assert manifest.task(0).seconds == {} and math.isnan(manifest.evaluation_share())

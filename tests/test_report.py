@@ -40,14 +40,14 @@ def log_chain(folder, strategy: str, order: str, seed: int, matrix: list[list[fl
     """A 2-task chain in the MLflow store of output_dir `folder`, logged task by task as the driver does."""
     name = f"{strategy}-{order}-{seed}"
     config = load_config(None, [f"output_dir={folder}", f"run_name={name}", f"strategy.name={strategy}", f"training.seed={seed}"])
-    config.run_dir().mkdir(parents=True)
-    (config.run_dir() / "manifest.json").write_text("{}")
+    config.run_folder().local_path.mkdir(parents=True)
+    (config.run_folder().local_path / "manifest.json").write_text("{}")
     zero_shot = dict(zip(NAMES, matrix[0]))
     manifest = Manifest("0", NAMES, zero_shot={"test": zero_shot, "validation": zero_shot})
     tracker = ChainTracker(default_tracking_uri(folder), "procl", folder)
     tracker.start(name, config.model_dump(mode="json"), {KIND_TAG: "chain", STREAM_TAG: "tiny", ORDER_TAG: order}, None)
     for task, row in enumerate(matrix[1:]):
-        state_dir = config.run_dir() / f"task_{task}"
+        state_dir = config.run_folder().local_path / f"task_{task}"
         state_dir.mkdir()
         (state_dir / META_FILE).write_text("{}")
         test = {n: v for n, v in zip(NAMES, row) if not math.isnan(v)}

@@ -341,11 +341,11 @@ def test_a_logged_task_leaves_no_figure_behind(store, tmp_path):
     from procl.checkpoint import META_FILE
 
     config = load_config(None, [f"output_dir={tmp_path}", "run_name=figures"])
-    config.run_dir().mkdir(parents=True)
-    (config.run_dir() / "manifest.json").write_text("{}")
+    config.run_folder().local_path.mkdir(parents=True)
+    (config.run_folder().local_path / "manifest.json").write_text("{}")
     records = []
     for task in range(2):
-        state_dir = config.run_dir() / f"task_{task}"
+        state_dir = config.run_folder().local_path / f"task_{task}"
         state_dir.mkdir()
         (state_dir / META_FILE).write_text(json.dumps({"task_slot_usage": USAGE[:task]}))
         scores = dict(zip(NAMES[: task + 1], MATRIX[task + 1]))

@@ -41,7 +41,7 @@ def long_task_config(tmp_path: Path, run_name: str, overrides: list[str] = ()) -
 def registered_mid_task_checkpoint(config: ChainConfig, task_index: int) -> bool:
     """Ray Train's controller has registered an in-task checkpoint of this task: a restart would get it.
     (A folder on disk is not enough: a worker killed before the controller polled it leaves an orphan.)"""
-    snapshot = config.run_dir() / "ray" / "chain" / "checkpoint_manager_snapshot.json"  # the chain's one Ray Train run
+    snapshot = config.run_folder().local_path / "ray" / "chain" / "checkpoint_manager_snapshot.json"  # the chain's one Ray Train run
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result")
     except (OSError, json.JSONDecodeError):
@@ -53,7 +53,7 @@ def run_chain_with_fault(cli_args: list[str], config: ChainConfig, strike: Calla
     """`python -m pipeline *cli_args` in its own process (a fresh Ray per chain), while this process calls
     `strike()` every 0.2 s, once task 0 has a registered in-task checkpoint, until it returns True.
     Fails if the chain fails or the fault never happened."""
-    log = config.run_dir().parent / f"{config.run_name}.log"
+    log = config.run_folder().local_path.parent / f"{config.run_name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         chain = subprocess.Popen([sys.executable, "-m", "pipeline", *cli_args], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -74,7 +74,7 @@ def run_chain_with_fault(cli_args: list[str], config: ChainConfig, strike: Calla
 
 def assert_resumed_and_complete(config: ChainConfig) -> None:
     """Task 0 resumed from an in-task checkpoint; both tasks have every step once; one MLflow run per task."""
-    manifest = json.loads((config.run_dir() / "manifest.json").read_text())
+    manifest = json.loads((config.run_folder().local_path / "manifest.json").read_text())
     resumed_at = manifest["tasks"][0]["resumed_at"]
     assert resumed_at and all(step >= 1 for step in resumed_at), resumed_at
     assert [t["name"] for t in manifest["tasks"]] == ["amazon", "bbc"] and manifest["adapter_dir"]
@@ -82,7 +82,7 @@ def assert_resumed_and_complete(config: ChainConfig) -> None:
     # the resumed worker kept the losses up to its checkpoint and trained the rest: every step once
     assert all(len(record["losses"]) == steps for record in manifest["tasks"])
     assert all(0.0 <= s <= 1.0 for s in manifest["tasks"][-1]["test"].values())
-    _, runs = mlflow_runs(config.run_dir())
+    _, runs = mlflow_runs(config.run_folder().local_path)
     tasks = [r for r in runs if "task_index" in r.data.tags]
     assert sorted(r.data.tags["task_index"] for r in tasks) == ["0", "1"]  # no duplicate or dangling task runs
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -116,7 +116,7 @@ def test_a_resubmitted_chain_skips_what_a_killed_driver_finished_resumes_its_tas
     from test_chain import kill_driver_when, run_cli
 
     cli_args, config = long_task_config(tmp_path, "driver-kill")
-    manifest_path = config.run_dir() / "manifest.json"
+    manifest_path = config.run_folder().local_path / "manifest.json"
 
     def task_1_recorded_and_task_2_checkpointed() -> bool:
         try:
@@ -144,13 +144,13 @@ def test_a_resubmitted_chain_skips_what_a_killed_driver_finished_resumes_its_tas
     manifest = json.loads(manifest_path.read_text())
     assert manifest["tasks"][0]["tensors_sha256"] == first_task["tensors_sha256"]
     assert manifest["tasks"][1]["resumed_at"], "task 2 restarted from its start"
-    _, runs = mlflow_runs(config.run_dir())
+    _, runs = mlflow_runs(config.run_folder().local_path)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(r.data.tags["task_index"] for r in children) == ["0", "1"]  # no duplicates
 
     reference_args, reference = long_task_config(tmp_path, "uninterrupted")
     assert run_cli(*reference_args).returncode == 0
-    expected = json.loads((reference.run_dir() / "manifest.json").read_text())
+    expected = json.loads((reference.run_folder().local_path / "manifest.json").read_text())
     # The same data order and seeds, and the checkpoint holds the weights, the strategy state and every
     # rank's AdamW moments: the resumed chain trains exactly as the uninterrupted one (measured: equal losses).
     for got, want in zip(manifest["tasks"], expected["tasks"], strict=True):
