@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import torch
 import yaml
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.evaluation import CANDIDATE_PASS_MIB
 from pipeline.hardware import bf16_support
 from pipeline.models import ModelSpec
-from pipeline.storage import RunFolder, is_uri
+from pipeline.storage import URI_SCHEMES, RunFolder, is_uri
 from pipeline.validation import read_yaml_mapping, validation_problems
 from procl import LoraSettings, ProCLConfig
 from procl.strategies import STRATEGIES
@@ -167,6 +168,15 @@ class ChainConfig(_Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _known_location(cls, output_dir: str) -> str:
+        scheme = urlsplit(output_dir).scheme
+        if is_uri(output_dir) and scheme not in URI_SCHEMES:
+            raise ValueError(f"{output_dir}: {scheme}:// is not a filesystem pyarrow opens; give a local path or a URI of "
+                             + ", ".join(f"{known}://" for known in URI_SCHEMES))
+        return output_dir
 
     @model_validator(mode="after")
     def _compatible(self) -> "ChainConfig":

@@ -34,6 +34,8 @@ import pyarrow.fs as pafs
 from procl.atomic import atomic_directory, atomic_write_text
 
 COMPLETE_MARKER = "_SUCCESS"
+# the object stores and distributed filesystems pyarrow.fs opens from a URI
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 _CHUNK = 1 << 20
 
 
