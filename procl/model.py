@@ -163,11 +163,13 @@ def detach_program_memory(
 
 
 def protection_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum over residual routers of sum_n u_n ā_n for the last forward pass (None when nothing to protect)."""
+    """Sum over residual routers of sum_n u_n ā_n for the last forward pass (None before one). A router whose
+    earlier usage is all zero adds a zero term: testing for it (`.any()`) would cost a host sync per router and
+    step on a GPU."""
     terms = [
         router.protection_loss()
         for router in _routers(model)
-        if isinstance(router, ResidualRouter) and router.last_mean_attention is not None and router.earlier_usage.any()
+        if isinstance(router, ResidualRouter) and router.last_mean_attention is not None
     ]
     return torch.stack(terms).sum() if terms else None
 
