@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a checkpoint as a plain peft LoRA adapter")
     _add_config_arguments(export)
     export.add_argument("--checkpoint", required=True, help="a state folder (or its URI)")
-    export.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    export.add_argument("--out", required=True, help="adapter folder to write (or its URI)")
     tune = commands.add_parser("tune", help="Ray Tune sweep (Optuna + ASHA) of a chain over a search space; same name resumes")
     _add_config_arguments(tune)
     tune.add_argument("--space", type=Path, required=True, help="search space YAML (see tune_spaces/)")
@@ -219,7 +220,10 @@ def _command(args: argparse.Namespace) -> None:
         with RunFolder.at(args.checkpoint).local_copy() as checkpoint:
             state = read_state(checkpoint)
         model, _, strategy = load_trained(config.on_device("cpu"), state)
-        console.print(f"adapter written to {strategy.export(model, args.out)}")
+        out = RunFolder.at(args.out)
+        with tempfile.TemporaryDirectory(prefix="procl-export-") as staging:  # published whole, locally or in object storage
+            out.publish(strategy.export(model, Path(staging) / "adapter"))
+        console.print(f"adapter written to {out}")
 
 def _report(args: argparse.Namespace) -> None:
     from pipeline.report import as_json, markdown, read_chains, tracking_uri_of, write_report

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -204,3 +203,12 @@ def test_a_chain_in_object_storage_resumes_after_a_killed_driver_and_exports_an_
         before = base(input_ids=ids).logits
         after = PeftModel.from_pretrained(base, str(local)).merge_and_unload()(input_ids=ids).logits
     assert not torch.allclose(before, after)
+
+    # `procl export` reads a checkpoint from the bucket and writes the adapter there: the chain's own export, again
+    exported = f"{output_dir}/exported"
+    result = run_cli("export", str(config), "--set", f"output_dir={output_dir}", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                     "--checkpoint", manifest["tasks"][-1]["state_dir"], "--out", exported, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert RunFolder.at(exported).is_complete()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (RunFolder.at(exported) / name).sha256() == (RunFolder.at(manifest["adapter_dir"]) / name).sha256()
