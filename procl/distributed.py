@@ -4,7 +4,8 @@ DeepSpeed keeps up to three copies of a trainable parameter: the tensor the forw
 (`param.data`, or the ZeRO-3 shard `param.ds_tensor`), a full or partitioned fp32 master copy
 that the optimizer updates, and the optimizer states. After every step the engine copies the
 master back over the model copy, so writing only `param.data` is silently undone by the next
-step. `read_full` / `write_full` go through the master copy and keep the model copy in sync.
+step. `read_full` / `write_full` go through the master copy and keep the model copy in sync; `lerp_full` updates
+both elementwise, without gathering the parameter where each rank can update its own part.
 
 Only torch is imported here; deepspeed is imported inside the functions, and only for parameters
 it manages or when an engine is passed, so `procl` and plain parameters need no deepspeed.
@@ -92,6 +93,68 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = 
             master.data.copy_(value)
     # The model copy is whole on every rank here (ZeRO-1/2 partition only optimizer state).
     param.data.copy_(value)
+
+
+def lerp_full(param: torch.nn.Parameter, end: torch.Tensor, weight: torch.Tensor, *, engine: Any = None) -> None:
+    """param <- param + weight * (end - param), elementwise (`end` and `weight` broadcast to the whole parameter),
+    on the master copy and the model copy.
+
+    An elementwise update needs no whole parameter: each rank updates the part of the fp32 master it owns and its
+    model copy (ZeRO-1/2 and BF16_Optimizer: the whole copy; ZeRO-3: its shard, and the whole parameter where it
+    stays gathered), with no communication, where `write_full(read_full(...))` would all-reduce or all-gather every
+    parameter (one collective per parameter and call). The model copy is updated from its own values, which are
+    the master's in fp32; in bf16 it may differ from the rounded master by a rounding step until the next optimizer
+    step copies the masters over it. Plain parameters and ZeRO-0 go through `read_full` and `write_full`.
+    """
+    if hasattr(param, "ds_id"):
+        _lerp_zero3(param, end, weight)
+        return
+    if not hasattr(param, "_hp_mapping"):
+        value = read_full(param, engine=engine)
+        write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
+        return
+    end = end.detach().to(param.device, torch.float32).expand(param.shape)
+    weight = weight.detach().to(param.device, torch.float32).expand(param.shape)
+    # every new value from the old ones before any is written: a copy may share its storage with another
+    model_copy = param.data.float().lerp(end, weight)
+    mapping = param._hp_mapping  # None on a rank that owns no part of this parameter's master
+    if mapping is not None:
+        address = mapping.lp_fragment_address
+        fragment = mapping.get_hp_fragment()
+        fragment.data.copy_(fragment.data.lerp(end.reshape(-1).narrow(0, address.start, address.numel),
+                                               weight.reshape(-1).narrow(0, address.start, address.numel)))
+    param.data.copy_(model_copy)
+
+
+def _lerp_zero3(param: torch.nn.Parameter, end: torch.Tensor, weight: torch.Tensor) -> None:
+    """`lerp_full` on this rank's shard of a ZeRO-3 parameter: the fp32 master's shard, the model copy's
+    (`ds_tensor`) and, where the parameter stays gathered (a "persistent" small one), the whole model copy."""
+    from deepspeed import comm as ds_dist
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    shape = param.ds_shape
+    end = end.detach().to(param.ds_tensor.device, torch.float32).expand(shape)
+    weight = weight.detach().to(param.ds_tensor.device, torch.float32).expand(shape)
+    shard = param.partition_numel()
+    start = ds_dist.get_rank(group=param.ds_process_group) * shard
+
+    def local(full: torch.Tensor) -> torch.Tensor:  # this rank's shard of the flattened tensor, the padding as zeros
+        flat = full.reshape(-1)
+        padded = flat.new_zeros(max(start + shard, flat.numel()))
+        padded[: flat.numel()] = flat
+        return padded.narrow(0, start, shard)
+
+    local_end, local_weight = local(end), local(weight)  # a zero weight leaves the padding as it is
+    # every new value from the old ones before any is written: with one rank the shard is the gathered tensor
+    shard_copy = param.ds_tensor.data.float().lerp(local_end, local_weight)
+    gathered = param.data.numel() == param.ds_numel  # a "persistent" parameter: the forward reads param.data
+    whole_copy = param.data.float().lerp(end, weight) if gathered else None
+    if _zero3_has_master(param):
+        with _trainable(param):
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).lerp(local_end, local_weight))
+    param.ds_tensor.data.copy_(shard_copy)
+    if whole_copy is not None:
+        param.data.copy_(whole_copy)
 
 
 def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,16 @@ def consolidate(weight: torch.Tensor, executing: torch.Tensor, ema_lambda: float
     return (1.0 - ema_lambda) * weight + ema_lambda * executing.detach()
 
 
+def residual_consolidation_pull(rho_rank: torch.Tensor, ema_lambda: float, rank_dim: int) -> torch.Tensor:
+    """Residual consolidation as one interpolation toward W0: consolidate(W, residual_executing_factor(W0, W, rho),
+    lambda) = W + lambda (1 - rho) ⊙ (W0 - W). Returns the pull lambda (1 - rho), shaped to broadcast along the rank
+    dimension of W (rank_dim as in `residual_executing_factor`): elementwise, so each data-parallel rank can apply
+    it to its own part of W (`procl.distributed.lerp_full`)."""
+    shape = [1, 1]
+    shape[rank_dim] = -1
+    return (ema_lambda * (1.0 - rho_rank)).reshape(shape)
+
+
 def protection_loss(mean_routing: torch.Tensor, earlier_usage: torch.Tensor) -> torch.Tensor:
     """Residual: L_protect = sum_n u_n * r̄_n, u_n = how much earlier tasks kept in slot n (mean of their rho).
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from conftest import free_port, init_deepspeed_gloo, rank_env
 from torch import nn
 
-from procl.distributed import all_reduce_mean, is_distributed, read_full, write_full
+from procl.distributed import all_reduce_mean, is_distributed, lerp_full, read_full, write_full
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is first imported
 
@@ -206,6 +208,41 @@ def _check_write_survives_forward_and_step(deepspeed, case: tuple, freeze: str) 
     with torch.no_grad():
         out = engine(x).float()
     torch.testing.assert_close(out, _reference(x, after, dtype), **tol)
+
+    # lerp_full: an elementwise pull toward `end` (here W/2, exact in bf16 too) on the master and the model copy;
+    # under ZeRO-1/2 each rank updates its own part of the master, with no collective
+    with _counting_collectives() as collectives:
+        lerp_full(target, torch.zeros(7, 33), torch.full((7, 1), 0.5), **kw)
+    if stage > 0 and freeze != "at_init":
+        assert collectives == [], collectives
+    halved = after["fc2.weight"] / 2
+    assert torch.equal(read_full(target, **kw), halved)
+    with torch.no_grad():
+        out = engine(x).float()
+    torch.testing.assert_close(out, _reference(x, {**after, "fc2.weight": halved}, dtype), **tol)
+    train_step()  # lr 0: the step keeps the pulled value (a master left behind would restore the old one)
+    assert torch.equal(read_full(target, **kw), halved)
+
+
+@contextmanager
+def _counting_collectives() -> Iterator[list[str]]:
+    """The torch.distributed collectives called inside (DeepSpeed's communication goes through them)."""
+    calls: list[str] = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor")}
+
+    def counting(name: str, original):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return call
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(name, original))
+    try:
+        yield calls
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
 
 
 @pytest.mark.parametrize("freeze", FREEZE, ids=["trainable", "frozen_after_init", "frozen_at_init"])

@@ -217,6 +217,17 @@ def test_consolidation_follows_the_ema_rule_exactly(formulation):
         torch.testing.assert_close(factor.weight.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("rank_dim", [0, 1])
+def test_residual_consolidation_is_one_pull_toward_w0(rank_dim):
+    """lerp(W, W0, lambda (1 - rho)) is consolidate(W, W_exec, lambda) with the residual W_exec, for A (rank rows) and B."""
+    torch.manual_seed(0)
+    shape = (8, 5) if rank_dim == 0 else (5, 8)
+    w, w0 = torch.randn(shape), torch.randn(shape)
+    rho_rank = eq.expand_slots_to_rank(torch.tensor([1.0, 0.5, 0.25, 0.0]), 8)
+    expected = eq.consolidate(w, eq.residual_executing_factor(w0, w, rho_rank, rank_dim), 0.6)
+    torch.testing.assert_close(w.lerp(w0, eq.residual_consolidation_pull(rho_rank, 0.6, rank_dim)), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_routing_statistics_average_the_steps_since_the_last_consolidation():
     strategy = procl_strategy(consolidate_every=3)
     model = strategy.build(tiny_llama())
