@@ -90,6 +90,13 @@ class RunFolderLock:
     def _renew(self) -> None:
         while not self._stop_renewing.wait(LEASE_SECONDS / 4):
             try:
+                current = self._read_owner()
+                if current is not None and current.get("token") != self._owner["token"]:
+                    # this driver was not heard from for a whole lease (paused, or cut off from the store) and another
+                    # took the folder over: renewing would take it back from under that one
+                    log.error("lost the run folder %s to another driver (%s); this driver's results may be overwritten",
+                              self.run_folder, _describe(current))
+                    return
                 self._write_owner()
             except OSError as error:  # a store that is briefly unreachable: the next renewal may succeed
                 log.warning("could not renew the lease on %s: %s", self.run_folder, error)

@@ -148,6 +148,12 @@ def test_the_lease_is_renewed_while_the_driver_runs(s3, monkeypatch):
         first = json.loads((run.run_folder / OWNER_FILE).read_text())["renewed"]
         time.sleep(1.0)
         assert json.loads((run.run_folder / OWNER_FILE).read_text())["renewed"] > first
+        # another driver took the folder over (this one was not heard from for a lease): it is not taken back
+        other = {"host": "elsewhere", "pid": 1, "since": "now", "command": "x", "token": "other", "renewed": time.time()}
+        (run.run_folder / OWNER_FILE).write_text(json.dumps(other))
+        time.sleep(0.5)
+        assert json.loads((run.run_folder / OWNER_FILE).read_text())["token"] == "other"
+    assert json.loads((run.run_folder / OWNER_FILE).read_text())["token"] == "other"  # nor removed on exit
 
 
 def test_an_output_dir_in_object_storage_needs_a_tracking_uri(tmp_path):
