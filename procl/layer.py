@@ -118,23 +118,14 @@ class _ResidualRouting(_RoutingStatistics):
         super().__init__(2 * num_slots + 1)
         self.num_slots = num_slots
         self.last_rho: torch.Tensor | None = None
-        self._rho_tokens: torch.Tensor | None = None
 
     def _record(self, rho: torch.Tensor, attention: torch.Tensor) -> None:
-        self.last_rho, self._rho_tokens = rho, None
+        self.last_rho = rho
         entropy = eq.routing_entropy(attention).mean().reshape(1)
         self.record(torch.cat([rho.mean(dim=0), attention.mean(dim=0), entropy]))
 
     def mean_rho(self) -> torch.Tensor:
         return self.synced[: self.num_slots]
-
-    def rho_over_tokens(self, x: torch.Tensor, rank: int) -> torch.Tensor:
-        """The last rho expanded to the rank and laid over the tokens of x (..., r), in x's dtype. Built once per
-        forward for both factors of the layer: A's input and B's have the same tokens."""
-        if self._rho_tokens is None or self._rho_tokens.dtype != x.dtype:
-            rho_rank = eq.expand_slots_to_rank(self.last_rho, rank).to(x.dtype)
-            self._rho_tokens = _over_tokens(rho_rank, x) if self.examples is None else self.examples.per_token(rho_rank)
-        return self._rho_tokens
 
     def statistics(self) -> dict[str, object]:
         n = self.num_slots
@@ -312,12 +303,13 @@ class ProgramFactor(nn.Module):
         A: [W0; W] x, then W0 x + rho ⊙ (W x - W0 x); B: [W0, W] [(1 - rho) ⊙ x; rho ⊙ x]. One matmul reads the
         layer input once (A) and writes the output once (B): two did each twice (benchmarks/step_overhead.py)."""
         router = self.residual_router
-        if self.role == "A":
-            router(x)  # the query comes from the layer input, A's input
+        rho = router(x) if self.role == "A" else router.last_rho  # the query comes from the layer input, A's input
         if not self.routed:
             return F.linear(x, self.weight)
         w0 = self.w0.to(self.weight.dtype)
-        rho_rank = router.rho_over_tokens(x, self.weight.shape[self.rank_dim])
+        rank = self.weight.shape[self.rank_dim]
+        rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
+        rho_rank = _over_tokens(rho_rank, x) if router.examples is None else router.examples.per_token(rho_rank)
         if self.role == "A":
             frozen, carried = F.linear(x, torch.cat([w0, self.weight])).chunk(2, dim=-1)
             return frozen + rho_rank * (carried - frozen)
