@@ -1,9 +1,10 @@
-"""ProCL's consolidation under DeepSpeed ZeRO-2 and ZeRO-3 on 2 gloo ranks: the elementwise update each rank applies
-to its own part of W (`procl.distributed.lerp_full`, what the pipeline runs) vs the same update through whole
-parameters (`read_full` / `write_full`: a collective per factor), side by side in one run.
+"""ProCL's consolidation under DeepSpeed ZeRO-2 on 2 gloo ranks: all factors' pulls with one all-reduce
+(`procl.distributed.lerp_full`, what the pipeline runs) vs the same update through whole parameters (`read_full` /
+`write_full`: an all-reduce per factor), side by side in one run.
 
-    .venv/bin/python benchmarks/consolidation_cost.py            # 8 steps per stage (~3 min)
-    .venv/bin/python benchmarks/consolidation_cost.py --quick    # 4 steps per stage
+    .venv/bin/python benchmarks/consolidation_cost.py            # 8 steps (~1.5 min)
+    .venv/bin/python benchmarks/consolidation_cost.py --quick    # 4 steps
+    .venv/bin/python benchmarks/consolidation_cost.py --stages 2 3   # ZeRO-3 too (there both are the same path)
 
 SmolLM2-135M's architecture with random weights (vocab cut to 4096: the head does not matter here) in bf16, ProCL
 N = 4 on q_proj and v_proj (r = 16, 60 LoRA layers, 120 program factors), its third task (program memory attached),
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.hardware import cpu_name  # noqa: E402
 
 
-def whole_parameter_consolidation(model, engine) -> None:
+def per_parameter_consolidation(model, engine) -> None:
     """The update through whole parameters: W <- consolidate(W, W_exec) with read_full / write_full per factor."""
     from procl import equations as eq
     from procl import model as memory
@@ -68,7 +69,7 @@ def worker(rank: int, port: int, stage: int, steps: int, out: str) -> None:
         "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage}, "bf16": {"enabled": True}})
     engine.train()
     ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(rank))
-    seconds: dict[str, list[float]] = {"forward_backward": [], "optimizer_step": [], "consolidation_local": [], "consolidation_whole_parameters": []}
+    seconds: dict[str, list[float]] = {"forward_backward": [], "optimizer_step": [], "consolidation_batched": [], "consolidation_per_parameter": []}
     for step in range(steps):
         started = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
@@ -77,12 +78,12 @@ def worker(rank: int, port: int, stage: int, steps: int, out: str) -> None:
         backward = time.perf_counter()
         engine.step()
         stepped = time.perf_counter()
-        memory.consolidate(model, engine)  # syncs the routing statistics, then each factor's lerp_full
-        local = time.perf_counter()
-        whole_parameter_consolidation(model, engine)  # the same statistics, through whole parameters
-        whole = time.perf_counter()
+        memory.consolidate(model, engine)  # syncs the routing statistics, then every factor's pull at once (lerp_full)
+        batched = time.perf_counter()
+        per_parameter_consolidation(model, engine)  # the same statistics, through whole parameters one by one
+        per_parameter = time.perf_counter()
         if step >= 2:
-            for key, value in zip(seconds, (backward - started, stepped - backward, local - stepped, whole - local)):
+            for key, value in zip(seconds, (backward - started, stepped - backward, batched - stepped, per_parameter - batched)):
                 seconds[key].append(value)
     if rank == 0:
         Path(out).write_text(json.dumps({key: statistics.median(values) for key, values in seconds.items()}))
@@ -92,10 +93,11 @@ def worker(rank: int, port: int, stage: int, steps: int, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stages", type=int, nargs="+", default=[2], choices=[1, 2, 3])
     args = parser.parse_args()
     steps = 4 if args.quick else 8
     results = {}
-    for stage in (2, 3):
+    for stage in args.stages:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -103,17 +105,17 @@ def main() -> None:
         mp.spawn(worker, args=(port, stage, steps, str(out)), nprocs=2, join=True)
         results[f"zero{stage}"] = json.loads(out.read_text())
         out.unlink()
-    print(f"{'ZeRO':<6} {'fwd+bwd s':>10} {'step s':>8} {'local s':>9} {'whole s':>9} {'whole/local':>12} {'local/step':>11}")
+    print(f"{'ZeRO':<6} {'fwd+bwd s':>10} {'step s':>8} {'batched s':>10} {'per-param s':>12} {'ratio':>6} {'batched/step':>13}")
     for name, r in results.items():
-        step = r["forward_backward"] + r["optimizer_step"] + r["consolidation_local"]
-        print(f"{name:<6} {r['forward_backward']:>10.3f} {r['optimizer_step']:>8.3f} {r['consolidation_local']:>9.3f} "
-              f"{r['consolidation_whole_parameters']:>9.3f} {r['consolidation_whole_parameters'] / r['consolidation_local']:>12.1f} "
-              f"{r['consolidation_local'] / step:>11.3f}")
+        step = r["forward_backward"] + r["optimizer_step"] + r["consolidation_batched"]
+        print(f"{name:<6} {r['forward_backward']:>10.3f} {r['optimizer_step']:>8.3f} {r['consolidation_batched']:>10.3f} "
+              f"{r['consolidation_per_parameter']:>12.3f} {r['consolidation_per_parameter'] / r['consolidation_batched']:>6.1f} "
+              f"{r['consolidation_batched'] / step:>13.3f}")
     print(json.dumps({
         "benchmark": "consolidation_cost", "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dtype": "bfloat16", "ranks": 2, "steps": steps,
         "seconds": {name: {k: round(v, 4) for k, v in r.items()} for name, r in results.items()},
-        "whole_over_local": {name: round(r["consolidation_whole_parameters"] / r["consolidation_local"], 1) for name, r in results.items()},
+        "per_parameter_over_batched": {name: round(r["consolidation_per_parameter"] / r["consolidation_batched"], 1) for name, r in results.items()},
     }))
 
 

@@ -5,7 +5,7 @@ DeepSpeed keeps up to three copies of a trainable parameter: the tensor the forw
 that the optimizer updates, and the optimizer states. After every step the engine copies the
 master back over the model copy, so writing only `param.data` is silently undone by the next
 step. `read_full` / `write_full` go through the master copy and keep the model copy in sync; `lerp_full` updates
-both elementwise, without gathering the parameter where each rank can update its own part.
+many parameters elementwise the same way, with one collective for all of them.
 
 Only torch is imported here; deepspeed is imported inside the functions, and only for parameters
 it manages or when an engine is passed, so `procl` and plain parameters need no deepspeed.
@@ -95,66 +95,41 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = 
     param.data.copy_(value)
 
 
-def lerp_full(param: torch.nn.Parameter, end: torch.Tensor, weight: torch.Tensor, *, engine: Any = None) -> None:
-    """param <- param + weight * (end - param), elementwise (`end` and `weight` broadcast to the whole parameter),
-    on the master copy and the model copy.
+def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]], *, engine: Any = None) -> None:
+    """For each (param, end, weight): param <- param + weight * (end - param), elementwise (`end` and `weight`
+    broadcast to the whole parameter), on the master copy and the model copy, as `write_full(read_full(...))`
+    would, but with one collective for all of them.
 
-    An elementwise update needs no whole parameter: each rank updates the part of the fp32 master it owns and its
-    model copy (ZeRO-1/2 and BF16_Optimizer: the whole copy; ZeRO-3: its shard, and the whole parameter where it
-    stays gathered), with no communication, where `write_full(read_full(...))` would all-reduce or all-gather every
-    parameter (one collective per parameter and call). The model copy is updated from its own values, which are
-    the master's in fp32; in bf16 it may differ from the rounded master by a rounding step until the next optimizer
-    step copies the masters over it. Plain parameters and ZeRO-0 go through `read_full` and `write_full`.
+    ZeRO-1/2 (and BF16_Optimizer): each rank updates the fragments of the fp32 masters it owns, one all-reduce
+    gives every rank every updated master, and the model copies are cast from them, exactly as an optimizer step
+    leaves them; `read_full` / `write_full` per parameter would all-reduce each parameter. Other parameters (plain,
+    ZeRO-0, ZeRO-3) go one by one through `read_full` and `write_full`, with their rules. Collective under
+    DeepSpeed: every rank calls it with the same parameters in the same order.
     """
-    if hasattr(param, "ds_id"):
-        _lerp_zero3(param, end, weight)
+    fragmented = [update for update in updates if hasattr(update[0], "_hp_mapping") and not hasattr(update[0], "ds_id")]
+    for param, end, weight in updates:
+        if not any(param is other for other, _, _ in fragmented):
+            value = read_full(param, engine=engine)
+            write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
+    if not fragmented:
         return
-    if not hasattr(param, "_hp_mapping"):
-        value = read_full(param, engine=engine)
-        write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
-        return
-    end = end.detach().to(param.device, torch.float32).expand(param.shape)
-    weight = weight.detach().to(param.device, torch.float32).expand(param.shape)
-    # every new value from the old ones before any is written: a copy may share its storage with another
-    model_copy = param.data.float().lerp(end, weight)
-    mapping = param._hp_mapping  # None on a rank that owns no part of this parameter's master
-    if mapping is not None:
-        address = mapping.lp_fragment_address
-        fragment = mapping.get_hp_fragment()
-        fragment.data.copy_(fragment.data.lerp(end.reshape(-1).narrow(0, address.start, address.numel),
-                                               weight.reshape(-1).narrow(0, address.start, address.numel)))
-    param.data.copy_(model_copy)
-
-
-def _lerp_zero3(param: torch.nn.Parameter, end: torch.Tensor, weight: torch.Tensor) -> None:
-    """`lerp_full` on this rank's shard of a ZeRO-3 parameter: the fp32 master's shard, the model copy's
-    (`ds_tensor`) and, where the parameter stays gathered (a "persistent" small one), the whole model copy."""
-    from deepspeed import comm as ds_dist
-    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-    shape = param.ds_shape
-    end = end.detach().to(param.ds_tensor.device, torch.float32).expand(shape)
-    weight = weight.detach().to(param.ds_tensor.device, torch.float32).expand(shape)
-    shard = param.partition_numel()
-    start = ds_dist.get_rank(group=param.ds_process_group) * shard
-
-    def local(full: torch.Tensor) -> torch.Tensor:  # this rank's shard of the flattened tensor, the padding as zeros
-        flat = full.reshape(-1)
-        padded = flat.new_zeros(max(start + shard, flat.numel()))
-        padded[: flat.numel()] = flat
-        return padded.narrow(0, start, shard)
-
-    local_end, local_weight = local(end), local(weight)  # a zero weight leaves the padding as it is
-    # every new value from the old ones before any is written: with one rank the shard is the gathered tensor
-    shard_copy = param.ds_tensor.data.float().lerp(local_end, local_weight)
-    gathered = param.data.numel() == param.ds_numel  # a "persistent" parameter: the forward reads param.data
-    whole_copy = param.data.float().lerp(end, weight) if gathered else None
-    if _zero3_has_master(param):
-        with _trainable(param):
-            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).lerp(local_end, local_weight))
-    param.ds_tensor.data.copy_(shard_copy)
-    if whole_copy is not None:
-        param.data.copy_(whole_copy)
+    # the updated masters, each element written by the one rank that owns it and summed over the ranks
+    masters = torch.zeros(sum(param.numel() for param, _, _ in fragmented), dtype=torch.float32, device=fragmented[0][0].device)
+    offset = 0
+    for param, end, weight in fragmented:
+        mapping = param._hp_mapping  # None on a rank that owns no part of this parameter's master
+        if mapping is not None:
+            start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+            end = end.detach().to(masters.device, torch.float32).expand(param.shape).reshape(-1).narrow(0, start, numel)
+            weight = weight.detach().to(masters.device, torch.float32).expand(param.shape).reshape(-1).narrow(0, start, numel)
+            fragment = mapping.get_hp_fragment()
+            fragment.data.lerp_(end, weight)
+            masters.narrow(0, offset + start, numel).copy_(fragment.data)
+        offset += param.numel()
+    if is_distributed():
+        dist.all_reduce(masters, group=fragmented[0][0]._dp_group)
+    for (param, _, _), master in zip(fragmented, masters.split([param.numel() for param, _, _ in fragmented])):
+        param.data.copy_(master.view_as(param))
 
 
 def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from procl import equations as eq
 from procl.config import ProCLConfig
-from procl.distributed import lerp_full, read_full, write_full
+from procl.distributed import read_full, write_full
 
 Role = Literal["A", "B"]
 
@@ -324,19 +324,24 @@ class ProgramFactor(nn.Module):
         rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), weight.shape[self.rank_dim])
         return eq.residual_executing_factor(w0, weight, rho_rank, self.rank_dim)
 
+    def residual_pull(self) -> tuple[nn.Parameter, torch.Tensor, torch.Tensor] | None:
+        """Residual consolidation as an elementwise pull: (W, W0, lambda (1 - rho)) for `procl.distributed.lerp_full`,
+        which applies every factor's pull with one collective; None for the reference formulation or an unrouted
+        factor."""
+        if self.formulation != "residual" or not self.routed:
+            return None
+        shape = getattr(self.weight, "ds_shape", self.weight.shape)  # a ZeRO-3 parameter is empty outside a gather
+        rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), shape[self.rank_dim])
+        return self.weight, self.w0, eq.residual_consolidation_pull(rho_rank, self.ema_lambda, self.rank_dim)
+
     @torch.no_grad()
     def consolidate(self, engine: Any = None) -> None:
-        """W <- (1 - lambda) W + lambda stopgrad(W_exec); identical on every rank (synced statistics). Residual: an
-        elementwise pull toward W0, applied where each rank holds W (no collective under ZeRO-1/2).
+        """Reference: W <- (1 - lambda) W + lambda stopgrad(W_exec), through the whole parameter; identical on every
+        rank (synced statistics). (Residual factors are consolidated together, `residual_pull`.)
 
         engine: the DeepSpeed engine, needed only for ZeRO-0 with bf16/fp16 (see procl.distributed).
         """
-        if not self.routed:
-            return
-        if self.formulation == "residual":
-            shape = getattr(self.weight, "ds_shape", self.weight.shape)  # a ZeRO-3 parameter is empty outside a gather
-            rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), shape[self.rank_dim])
-            lerp_full(self.weight, self.w0, eq.residual_consolidation_pull(rho_rank, self.ema_lambda, self.rank_dim), engine=engine)
+        if self.formulation != "reference":
             return
         weight = read_full(self.weight, engine=engine)
         write_full(self.weight, eq.consolidate(weight, self.executing_weight(weight), self.ema_lambda), engine=engine)

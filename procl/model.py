@@ -21,7 +21,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from procl.config import ProCLConfig
-from procl.distributed import all_reduce_mean
+from procl.distributed import all_reduce_mean, lerp_full
 from procl.layer import FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, TokenExamples, reference_mlp
 
 ROUTER_ATTRIBUTE = "procl_router"
@@ -135,7 +135,10 @@ def consolidate(model: nn.Module, engine: Any = None) -> None:
     """
     if not _sync_routing(model):
         return
-    for _, factor in program_factors(model):
+    factors = [factor for _, factor in program_factors(model)]
+    with torch.no_grad():
+        lerp_full([pull for factor in factors if (pull := factor.residual_pull()) is not None], engine=engine)
+    for factor in factors:
         factor.consolidate(engine)
 
 

@@ -209,19 +209,21 @@ def _check_write_survives_forward_and_step(deepspeed, case: tuple, freeze: str) 
         out = engine(x).float()
     torch.testing.assert_close(out, _reference(x, after, dtype), **tol)
 
-    # lerp_full: an elementwise pull toward `end` (here W/2, exact in bf16 too) on the master and the model copy;
-    # under ZeRO-1/2 each rank updates its own part of the master, with no collective
+    # lerp_full: an elementwise pull toward `end` (halfway to 0: exact in bf16 too) on the master and the model copy;
+    # under ZeRO-1/2 each rank updates its own part of the masters, and one all-reduce (none in a world of one)
+    # shares them, for any number of parameters (here fc2.weight twice: W/4)
+    pull = (target, torch.zeros(7, 33), torch.full((7, 1), 0.5))
     with _counting_collectives() as collectives:
-        lerp_full(target, torch.zeros(7, 33), torch.full((7, 1), 0.5), **kw)
-    if stage > 0 and freeze != "at_init":
-        assert collectives == [], collectives
-    halved = after["fc2.weight"] / 2
-    assert torch.equal(read_full(target, **kw), halved)
+        lerp_full([pull, pull], **kw)
+    if stage in (1, 2) and freeze != "at_init":
+        assert collectives == (["all_reduce"] if is_distributed() else []), collectives
+    quartered = after["fc2.weight"] / 4
+    assert torch.equal(read_full(target, **kw), quartered)
     with torch.no_grad():
         out = engine(x).float()
-    torch.testing.assert_close(out, _reference(x, {**after, "fc2.weight": halved}, dtype), **tol)
+    torch.testing.assert_close(out, _reference(x, {**after, "fc2.weight": quartered}, dtype), **tol)
     train_step()  # lr 0: the step keeps the pulled value (a master left behind would restore the old one)
-    assert torch.equal(read_full(target, **kw), halved)
+    assert torch.equal(read_full(target, **kw), quartered)
 
 
 @contextmanager
