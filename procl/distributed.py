@@ -95,38 +95,28 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = 
     param.data.copy_(value)
 
 
-@torch.no_grad()
 def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]], *, engine: Any = None) -> None:
     """For each (param, end, weight): param <- param + weight * (end - param), elementwise (`end` and `weight`
     broadcast to the whole parameter), on the master copy and the model copy, as `write_full(read_full(...))`
-    would, but with one collective for all of them (per ZeRO kind) instead of one or two per parameter.
+    would, but with one collective for all of them.
 
-    Each rank pulls the part of each fp32 master it owns, and the model copies are cast from the masters, exactly
-    as an optimizer step leaves them: under ZeRO-1/2 (and BF16_Optimizer) one all-reduce gives every rank every
-    updated master; under ZeRO-3 a rank's model shard is cast from its master shard, and one all-gather rebuilds
-    the parameters that stay gathered ("persistent"). Parameters without a partitioned master (plain, ZeRO-0,
-    frozen at the engine's start) go one by one through `read_full` and `write_full`. Collective under DeepSpeed:
-    every rank calls it with the same parameters in the same order.
+    ZeRO-1/2 (and BF16_Optimizer): each rank updates the fragments of the fp32 masters it owns, one all-reduce
+    gives every rank every updated master, and the model copies are cast from them, exactly as an optimizer step
+    leaves them; `read_full` / `write_full` per parameter would all-reduce each parameter. Other parameters (plain,
+    ZeRO-0, ZeRO-3) go one by one through `read_full` and `write_full`, with their rules. Collective under
+    DeepSpeed: every rank calls it with the same parameters in the same order.
     """
     fragmented = [update for update in updates if hasattr(update[0], "_hp_mapping") and not hasattr(update[0], "ds_id")]
-    sharded = [update for update in updates if hasattr(update[0], "ds_id") and _zero3_has_master(update[0])]
-    batched = {id(param) for param, _, _ in fragmented + sharded}
     for param, end, weight in updates:
-        if id(param) not in batched:
+        if not any(param is other for other, _, _ in fragmented):
             value = read_full(param, engine=engine)
             write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
-    if fragmented:
-        _lerp_fragmented(fragmented)
-    if sharded:
-        _lerp_sharded(sharded)
-
-
-def _lerp_fragmented(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
-    """ZeRO-1/2: the fragments of the masters this rank owns, then one all-reduce for every model copy."""
+    if not fragmented:
+        return
     # the updated masters, each element written by the one rank that owns it and summed over the ranks
-    masters = torch.zeros(sum(param.numel() for param, _, _ in updates), dtype=torch.float32, device=updates[0][0].device)
+    masters = torch.zeros(sum(param.numel() for param, _, _ in fragmented), dtype=torch.float32, device=fragmented[0][0].device)
     offset = 0
-    for param, end, weight in updates:
+    for param, end, weight in fragmented:
         mapping = param._hp_mapping  # None on a rank that owns no part of this parameter's master
         if mapping is not None:
             start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
@@ -137,48 +127,9 @@ def _lerp_fragmented(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch
             masters.narrow(0, offset + start, numel).copy_(fragment.data)
         offset += param.numel()
     if is_distributed():
-        dist.all_reduce(masters, group=updates[0][0]._dp_group)
-    for (param, _, _), master in zip(updates, masters.split([param.numel() for param, _, _ in updates])):
+        dist.all_reduce(masters, group=fragmented[0][0]._dp_group)
+    for (param, _, _), master in zip(fragmented, masters.split([param.numel() for param, _, _ in fragmented])):
         param.data.copy_(master.view_as(param))
-
-
-def _lerp_sharded(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
-    """ZeRO-3: this rank's shard of each master, the model shard (`ds_tensor`) cast from it, and one all-gather of
-    the shards of the parameters that stay gathered, whose whole model copy the forward reads."""
-    from deepspeed import comm as ds_dist
-    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
-
-    group = updates[0][0].ds_process_group
-    rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
-    gathered: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
-    for param, end, weight in updates:
-        shard = param.partition_numel()
-
-        def local(full: torch.Tensor) -> torch.Tensor:  # this rank's shard of the flattened tensor, padding zeros
-            padded = torch.zeros(shard * world, dtype=torch.float32, device=param.ds_tensor.device)
-            padded[: param.ds_numel] = full.detach().to(padded.device, torch.float32).expand(param.ds_shape).reshape(-1)
-            return padded.narrow(0, rank * shard, shard)
-
-        with _trainable(param):
-            master = safe_get_local_fp32_param(param).lerp(local(end), local(weight))  # a zero weight keeps the padding
-            safe_set_local_fp32_param(param, master)
-        param.ds_tensor.data.copy_(master)
-        if param.data.numel() == param.ds_numel:
-            gathered.append((param, master))
-    if not gathered:
-        return
-    shards = torch.cat([master for _, master in gathered])
-    every_rank = torch.empty(world * shards.numel(), dtype=shards.dtype, device=shards.device)
-    if world > 1:
-        dist.all_gather_into_tensor(every_rank, shards, group=group)
-    else:
-        every_rank.copy_(shards)
-    every_rank = every_rank.view(world, -1)
-    offset = 0
-    for param, master in gathered:
-        whole = every_rank[:, offset : offset + master.numel()].reshape(-1)[: param.ds_numel]
-        param.data.copy_(whole.view(param.ds_shape))
-        offset += master.numel()
 
 
 def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
