@@ -107,8 +107,9 @@ def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor
     DeepSpeed: every rank calls it with the same parameters in the same order.
     """
     fragmented = [update for update in updates if hasattr(update[0], "_hp_mapping") and not hasattr(update[0], "ds_id")]
+    batched = {id(param) for param, _, _ in fragmented}
     for param, end, weight in updates:
-        if not any(param is other for other, _, _ in fragmented):
+        if id(param) not in batched:
             value = read_full(param, engine=engine)
             write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
     if not fragmented:
