@@ -206,20 +206,16 @@ def _command(args: argparse.Namespace) -> None:
     elif args.command == "eval":  # in this process, on its CPU
         from pipeline.chain import select_tasks
         from pipeline.scoring import model_to_score, score_tasks
-        from procl.checkpoint import read_state
+        from pipeline.storage import read_state_at
 
         settled = config.on_device("cpu")
-        with RunFolder.at(args.checkpoint).local_copy() as checkpoint:
-            state = read_state(checkpoint)
-        model, tokenizer = model_to_score(settled, state)
+        model, tokenizer = model_to_score(settled, read_state_at(args.checkpoint))
         print(json.dumps(score_tasks(model, tokenizer, select_tasks(config), settled)))
     elif args.command == "export":
         from pipeline.scoring import load_trained
-        from procl.checkpoint import read_state
+        from pipeline.storage import read_state_at
 
-        with RunFolder.at(args.checkpoint).local_copy() as checkpoint:
-            state = read_state(checkpoint)
-        model, _, strategy = load_trained(config.on_device("cpu"), state)
+        model, _, strategy = load_trained(config.on_device("cpu"), read_state_at(args.checkpoint))
         out = RunFolder.at(args.out)
         with tempfile.TemporaryDirectory(prefix="procl-export-") as staging:  # published whole, locally or in object storage
             out.publish(strategy.export(model, Path(staging) / "adapter"))

@@ -175,3 +175,11 @@ class RunFolder:
             if not is_file:
                 (target / COMPLETE_MARKER).unlink()
             yield target
+
+
+def read_state_at(location: str | Path) -> tuple[dict, dict]:
+    """`procl.checkpoint.read_state` of a state folder at a path or a URI (downloaded first from object storage)."""
+    from procl.checkpoint import read_state
+
+    with RunFolder.at(location).local_copy() as folder:
+        return read_state(folder)

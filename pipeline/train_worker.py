@@ -42,7 +42,7 @@ from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed
                               load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
                               save_optimizer_state, score, settle_precision, train_steps)
 from pipeline.scoring import attach_strategy
-from pipeline.storage import RunFolder
+from pipeline.storage import read_state_at
 from pipeline.task_results import ADAPTER, PROGRESS, RESULT, STATE
 from procl.checkpoint import read_state, write_state
 
@@ -113,10 +113,8 @@ def _resume_point(plan: list[dict[str, Any]], fit_id: str, rank: int, previous_s
     import ray.train
 
     def from_previous_state(this_fit: bool = False) -> ResumePoint:
-        if previous_state is None:
-            return ResumePoint(0, None, None, None, this_fit)
-        with RunFolder.at(previous_state).local_copy() as folder:  # the run folder's checkpoint: a download from object storage
-            return ResumePoint(0, read_state(folder), None, None, this_fit)
+        state = read_state_at(previous_state) if previous_state is not None else None  # a download from object storage
+        return ResumePoint(0, state, None, None, this_fit)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
