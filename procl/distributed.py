@@ -102,16 +102,21 @@ def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor
 
     ZeRO-1/2 (and BF16_Optimizer): each rank updates the fragments of the fp32 masters it owns, one all-reduce
     gives every rank every updated master, and the model copies are cast from them, exactly as an optimizer step
-    leaves them; `read_full` / `write_full` per parameter would all-reduce each parameter. Other parameters (plain,
-    ZeRO-0, ZeRO-3) go one by one through `read_full` and `write_full`, with their rules. Collective under
-    DeepSpeed: every rank calls it with the same parameters in the same order.
+    leaves them; `read_full` / `write_full` per parameter would all-reduce each parameter. A float32 parameter
+    that is its own master (plain, or ZeRO-0 in fp32) is updated in place. The rest (ZeRO-3, ZeRO-0 with a bf16/fp16
+    master, a plain low-precision parameter) go one by one through `read_full` and `write_full`, with their rules.
+    Collective under DeepSpeed: every rank calls it with the same parameters in the same order.
     """
     fragmented = [update for update in updates if hasattr(update[0], "_hp_mapping") and not hasattr(update[0], "ds_id")]
     batched = {id(param) for param, _, _ in fragmented}
     for param, end, weight in updates:
-        if id(param) not in batched:
-            value = read_full(param, engine=engine)
-            write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
+        if id(param) in batched:
+            continue
+        if param.dtype == torch.float32 and not hasattr(param, "ds_id") and _zero0_master(param, engine) is None:
+            param.data.lerp_(end.to(param.device, torch.float32), weight.to(param.device, torch.float32))  # it is its master
+            continue
+        value = read_full(param, engine=engine)
+        write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
     if not fragmented:
         return
     # the updated masters, each element written by the one rank that owns it and summed over the ranks

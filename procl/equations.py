@@ -107,15 +107,20 @@ def expand_slots_to_rank(rho: torch.Tensor, rank: int) -> torch.Tensor:
     return rho.repeat_interleave(rank // rho.shape[-1], dim=-1)
 
 
-def residual_executing_factor(w0: torch.Tensor, weight: torch.Tensor, rho_rank: torch.Tensor, rank_dim: int) -> torch.Tensor:
-    """Residual: W_exec = W0 + rho ⊙ (W - W0), rho applied along the rank dimension.
+def along_rank(values: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """Per-rank values (..., r) shaped to scale the rank rows (rank_dim 0, factor A: r x d_in) or the rank columns
+    (rank_dim 1, factor B: d_out x r) of a factor."""
+    return values.unsqueeze(-1) if rank_dim == 0 else values.unsqueeze(-2)
 
-    rank_dim is 0 for A (r x d_in: rank rows) and 1 for B (d_out x r: rank columns). At the start
-    of a task W = W0, so W_exec = W whatever the routing: the executing adapter is the carried one.
+
+def residual_executing_factor(w0: torch.Tensor, weight: torch.Tensor, rho_rank: torch.Tensor, rank_dim: int) -> torch.Tensor:
+    """Residual: W_exec = W0 + rho ⊙ (W - W0), rho applied along the rank dimension (`along_rank`).
+
+    rho_rank (..., r): leading dimensions give one W_exec per input, (..., rows, cols). At the start of a task
+    W = W0, so W_exec = W whatever the routing: the executing adapter is the carried one.
     """
-    shape = [1, 1]
-    shape[rank_dim] = -1
-    return w0 + rho_rank.reshape(shape).to(weight.dtype) * (weight - w0)
+    # not torch.lerp: its backward reads `weight` itself, which DeepSpeed ZeRO-3 has released by then
+    return w0 + along_rank(rho_rank, rank_dim).to(weight.dtype) * (weight - w0)
 
 
 def consolidate(weight: torch.Tensor, executing: torch.Tensor, ema_lambda: float) -> torch.Tensor:
@@ -123,14 +128,12 @@ def consolidate(weight: torch.Tensor, executing: torch.Tensor, ema_lambda: float
     return (1.0 - ema_lambda) * weight + ema_lambda * executing.detach()
 
 
-def residual_consolidation_pull(rho_rank: torch.Tensor, ema_lambda: float, rank_dim: int) -> torch.Tensor:
+def residual_consolidation_pull(rho_rank: torch.Tensor, ema_lambda: float) -> torch.Tensor:
     """Residual consolidation as one interpolation toward W0: consolidate(W, residual_executing_factor(W0, W, rho),
-    lambda) = W + lambda (1 - rho) ⊙ (W0 - W). Returns the pull lambda (1 - rho), shaped to broadcast along the rank
-    dimension of W (rank_dim as in `residual_executing_factor`): elementwise, so each data-parallel rank can apply
-    it to its own part of W (`procl.distributed.lerp_full`)."""
-    shape = [1, 1]
-    shape[rank_dim] = -1
-    return (ema_lambda * (1.0 - rho_rank)).reshape(shape)
+    lambda) = W + lambda (1 - rho) ⊙ (W0 - W). Returns the pull lambda (1 - rho) per rank row or column (..., r),
+    to apply `along_rank`: elementwise, so each data-parallel rank can apply it to its own part of W
+    (`procl.distributed.lerp_full`)."""
+    return ema_lambda * (1.0 - rho_rank)
 
 
 def protection_loss(mean_routing: torch.Tensor, earlier_usage: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ methods) so that DeepSpeed ZeRO-3 gathers their partitioned parameters in its fo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -42,26 +42,47 @@ class TokenExamples:
     token_example: torch.Tensor  # (B*T,): each token's example 0..count-1, count for padding
     example_tokens: torch.Tensor  # (count,): tokens per example
     count: int
+    # (B, T) when example b is row b (padding aside, as unpacked micro-batches are): 1 / tokens of the row's example
+    # on its tokens, 0 on padding; None when rows are packed
+    row_weights: torch.Tensor | None
+    # the last (layer input, its means): layers fed the same input (q/k/v, gate/up) share one mean
+    _last_mean: list = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def of(cls, segments: torch.Tensor) -> "TokenExamples":
         """segments (B, T): each token's example, numbered from 0; -1 on padding."""
-        count = int(segments.max()) + 1  # the micro-batch's one host sync for routing
+        rows = torch.arange(segments.shape[0], device=segments.device)[:, None]
+        # the micro-batch's one host sync for routing
+        last, one_per_row = torch.stack([segments.max(), ((segments == rows) | (segments < 0)).all()]).tolist()
+        count = int(last) + 1
         flat = segments.reshape(-1)
         token_example = torch.where(flat >= 0, flat, count)
         example_tokens = torch.bincount(token_example, minlength=count + 1)[:count].float()
         if bool((example_tokens == 0).any()):
             raise ValueError("segments must number the examples 0..S-1 with no gaps (-1 on padding)")
-        return cls(segments.shape, token_example, example_tokens, count)
+        row_weights = None
+        if one_per_row and count == segments.shape[0]:
+            row_weights = (segments >= 0) / example_tokens[:, None]
+        return cls(segments.shape, token_example, example_tokens, count, row_weights)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, d) layer input -> (S, d): each example's mean over its own tokens."""
+        if self._last_mean and self._last_mean[0] is x:
+            return self._last_mean[1]
         if x.shape[:-1] != self.shape:
             raise ValueError(f"a layer input of shape {tuple(x.shape)} does not match the micro-batch's segments {tuple(self.shape)}")
-        return eq.example_mean(x, self.token_example, self.example_tokens)
+        if self.row_weights is not None:  # one batched matmul: (B, 1, T) @ (B, T, d)
+            means = torch.bmm(self.row_weights.to(x.dtype).unsqueeze(1), x).squeeze(1)
+        else:
+            means = eq.example_mean(x, self.token_example, self.example_tokens)
+        self._last_mean[:] = [x, means]
+        return means
 
     def per_token(self, values: torch.Tensor) -> torch.Tensor:
-        """(S, k) per-example values -> (B, T, k), zeros on padding."""
+        """(S, k) per-example values -> broadcastable to (B, T, k): (B, 1, k) when each row is one example (padding
+        then gets its row's values: it never reaches a real token), else (B, T, k) with zeros on padding."""
+        if self.row_weights is not None:
+            return values.unsqueeze(1)
         padded = torch.cat([values, values.new_zeros(1, values.shape[-1])])
         return padded.index_select(0, self.token_example).reshape(*self.shape, values.shape[-1])
 
@@ -69,16 +90,16 @@ class TokenExamples:
 class _RoutingStatistics(nn.Module):
     """Running means of what consolidation needs, between two consolidations and over the task.
 
-    `pending()` is averaged across data-parallel ranks by `procl.model.consolidate` and handed back
-    through `commit(synced)`, so every rank consolidates with the same numbers.
+    Each forward pass keeps what it routed (`recorded`, detached); `pending_statistics` turns them into each
+    router's statistic, the mean over those passes, which `procl.model.consolidate` averages across data-parallel
+    ranks and hands back through `commit(synced)`, so every rank consolidates with the same numbers.
     """
 
     def __init__(self, size: int) -> None:
         super().__init__()
-        # Pending sums are rank-local on purpose, so plain attributes: DDP broadcasts buffers from
+        # Pending records are rank-local on purpose, so a plain attribute: DDP broadcasts buffers from
         # rank 0 before every forward and would overwrite them.
-        self.pending_sum = torch.zeros(size)
-        self.pending_count = 0
+        self.recorded: list[tuple[torch.Tensor, ...]] = []
         # per-task totals are identical on every rank and persistent: an in-task resume must fold
         # with the whole task's routing
         self.register_buffer("task_sum", torch.zeros(size))
@@ -90,42 +111,87 @@ class _RoutingStatistics(nn.Module):
         """The query's input: the layer input's mean per example (per row when no segments are set)."""
         return eq.token_mean(x) if self.examples is None else self.examples.mean(x)
 
-    def record(self, statistic: torch.Tensor) -> None:
-        self.pending_sum = self.pending_sum.to(statistic.device) + statistic.detach().float()
-        self.pending_count += 1
-
     def has_pending(self) -> bool:
-        return self.pending_count > 0
+        return bool(self.recorded)
 
     def pending(self) -> torch.Tensor:
-        return self.pending_sum / max(self.pending_count, 1)
+        return pending_statistics([self])[0]
+
+    @staticmethod
+    def statistics_of(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
+        """Each router's statistic, the float32 mean over its recorded forward passes."""
+        raise NotImplementedError
 
     def commit(self, synced: torch.Tensor) -> None:
         self.synced = synced.to(self.task_sum.device)
         self.task_sum += self.synced
         self.task_count += 1
-        self.pending_sum = torch.zeros_like(self.pending_sum)
-        self.pending_count = 0
+        self.recorded = []
 
     def task_mean(self) -> torch.Tensor:
         return self.task_sum / self.task_count.clamp_min(1)
 
 
+def pending_statistics(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
+    """The pending statistic of each router (in order), computed together for routers of one kind: a model's
+    routers all record the same passes, so a few stacked ops serve them all rather than a few ops per router."""
+    kinds: dict[Any, list[int]] = {}
+    for index, router in enumerate(routers):
+        kinds.setdefault(type(router).statistics_of, []).append(index)
+    statistics: list[torch.Tensor] = [torch.empty(0)] * len(routers)
+    for statistics_of, indices in kinds.items():
+        for index, statistic in zip(indices, statistics_of([routers[i] for i in indices])):
+            statistics[index] = statistic
+    return statistics
+
+
 class _ResidualRouting(_RoutingStatistics):
-    """What both residual routers record: [mean rho (N), mean attention (N), mean per-example entropy (1)]."""
+    """What both residual routers record: [mean rho (N), mean attention (N), mean per-example entropy (1)]. A forward
+    pass leaves `last_rho` (S, N) for the layer's two factors."""
 
     def __init__(self, num_slots: int) -> None:
         super().__init__(2 * num_slots + 1)
         self.num_slots = num_slots
         self.last_rho: torch.Tensor | None = None
+        self._rank_rho: tuple[torch.Tensor, torch.Tensor] | None = None  # (last_rho, it over the rank)
+        self._pull: torch.Tensor | None = None
 
-    def _record(self, rho: torch.Tensor, attention: torch.Tensor) -> None:
+    def _routed(self, rho: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         self.last_rho = rho
-        entropy = eq.routing_entropy(attention).mean().reshape(1)
-        self.record(torch.cat([rho.mean(dim=0), attention.mean(dim=0), entropy]))
+        self.recorded.append((rho.detach(), attention.detach()))
+        return rho
+
+    def rank_plasticity(self, rank: int) -> torch.Tensor:
+        """The last pass's rho (S, N) repeated over each slot's rank rows: (S, rank); computed once for both factors."""
+        if self._rank_rho is None or self._rank_rho[0] is not self.last_rho or self._rank_rho[1].shape[-1] != rank:
+            self._rank_rho = (self.last_rho, eq.expand_slots_to_rank(self.last_rho, rank))
+        return self._rank_rho[1]
+
+    @staticmethod
+    def statistics_of(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
+        passes = {len(router.recorded) for router in routers}
+        if len(passes) > 1:  # routers that saw different passes (not one model's): each on its own
+            return [statistic for router in routers for statistic in _ResidualRouting.statistics_of([router])]
+        total = 0.0
+        for records in zip(*(router.recorded for router in routers)):  # one forward pass through every router
+            rho = torch.stack([r for r, _ in records]).float()  # (routers, S, N)
+            attention = torch.stack([a for _, a in records]).float()
+            entropy = eq.routing_entropy(attention).mean(dim=1, keepdim=True)
+            total = total + torch.cat([rho.mean(dim=1), attention.mean(dim=1), entropy], dim=-1)
+        return list((total / passes.pop()).unbind(0))
+
+    def commit(self, synced: torch.Tensor) -> None:
+        super().commit(synced)
+        self._pull = None
 
     def mean_rho(self) -> torch.Tensor:
         return self.synced[: self.num_slots]
+
+    def consolidation_pull(self, rank: int, ema_lambda: float) -> torch.Tensor:
+        """lambda (1 - mean rho) over each slot's rank rows: (rank,); computed once a commit for both factors."""
+        if self._pull is None or self._pull.shape[-1] != rank:
+            self._pull = eq.residual_consolidation_pull(eq.expand_slots_to_rank(self.mean_rho(), rank), ema_lambda)
+        return self._pull
 
     def statistics(self) -> dict[str, object]:
         n = self.num_slots
@@ -153,24 +219,19 @@ class ResidualRouter(_ResidualRouting):
         self.gate_logits = nn.Parameter(torch.zeros(n))
         usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
         self.register_buffer("earlier_usage", usage)
-        self.last_mean_attention: torch.Tensor | None = None
+        self.protected: torch.Tensor | None = None  # (S, N) of the last pass, what the protection loss weighs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """rho (B, N): per-input plasticity of each slot."""
+        """rho (S, N): per-input plasticity of each slot."""
         queries = self.encoder(self.input_means(x)).reshape(-1, 1, self.key_dim)
         attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
         if self.budget is None:
             rho = eq.slot_plasticity(attention, self.gate_logits)
         else:
             rho = eq.budgeted_plasticity(attention, self.gate_logits, self.budget)
-        self.last_mean_attention = attention.mean(dim=0)
-        self._record(rho, attention)
-        return rho
-
-    def protection_loss(self) -> torch.Tensor:
-        # budgeted: on rho, after the gates; learned: on the attention (its rho is 1 at the top slot whatever)
-        routed = self.last_mean_attention if self.budget is None else self.last_rho.mean(dim=0)
-        return eq.protection_loss(routed, self.earlier_usage)
+        # budgeted: protect rho, after the gates; learned: the attention (its rho is 1 at the top slot whatever)
+        self.protected = attention if self.budget is None else rho
+        return self._routed(rho, attention)
 
 
 class FixedRouter(_ResidualRouting):
@@ -183,8 +244,7 @@ class FixedRouter(_ResidualRouting):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inputs = self.examples.count if self.examples is not None else eq.token_mean(x).shape[0]
         rho = self.rho.expand(inputs, -1)
-        self._record(rho, rho / rho.sum(dim=-1, keepdim=True))
-        return rho
+        return self._routed(rho, rho / rho.sum(dim=-1, keepdim=True))
 
 
 class ReferenceRouter(_RoutingStatistics):
@@ -211,8 +271,12 @@ class ReferenceRouter(_RoutingStatistics):
         alpha = eq.slot_weights(attention, self.gate_logits)
         entropy = eq.routing_entropy(attention).mean().reshape(1)
         gamma = torch.sigmoid(self.gamma_logit)
-        self.record(torch.cat([alpha.reshape(-1), entropy, gamma]))
+        self.recorded.append((torch.cat([alpha.reshape(-1), entropy, gamma]).detach(),))
         return alpha, gamma[0]
+
+    @staticmethod
+    def statistics_of(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
+        return [torch.stack([statistic for statistic, in router.recorded]).float().mean(dim=0) for router in routers]
 
     def mean_alpha(self) -> torch.Tensor:
         return self.synced[: self.num_slots**2].reshape(self.num_slots, self.num_slots)
@@ -236,13 +300,6 @@ def reference_mlp(rows: int) -> nn.Sequential:
     """The released code's ReLU MLP around a factor's output, hidden max(128, rows / 2)."""
     hidden = max(128, rows // 2)
     return nn.Sequential(nn.Linear(rows, hidden), nn.ReLU(), nn.Linear(hidden, rows))
-
-
-def _over_tokens(rho_rank: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Broadcast per-example (B, r) values over the token dimensions of x (B, ..., r)."""
-    if x.dim() == 2:  # one (T, d) sequence
-        return rho_rank
-    return rho_rank.reshape(rho_rank.shape[0], *([1] * (x.dim() - 2)), rho_rank.shape[-1])
 
 
 class ProgramFactor(nn.Module):
@@ -299,21 +356,34 @@ class ProgramFactor(nn.Module):
         return y if self.mlp is None else y + self.mlp(y)
 
     def _residual_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-input W_exec = W0 + rho[b] ⊙ (W - W0), computed on activations in one matmul (no per-input weights):
-        A: [W0; W] x, then W0 x + rho ⊙ (W x - W0 x); B: [W0, W] [(1 - rho) ⊙ x; rho ⊙ x]. One matmul reads the
-        layer input once (A) and writes the output once (B): two did each twice (benchmarks/step_overhead.py)."""
+        """W_exec x with each example's own W_exec = W0 + rho[s] ⊙ (W - W0) (`eq.residual_executing_factor`).
+
+        Where each row of x is one example (padding aside), the S small executing factors are formed and applied
+        by one batched matmul of the LoRA's width. Packed rows mix examples, so there the same product is taken on
+        activations, per token: A: [W0; W] x, then W0 x + rho ⊙ (W x - W0 x); B: [W0, W] [(1 - rho) ⊙ x; rho ⊙ x],
+        a matmul of twice the width (benchmarks/step_overhead.py)."""
         router = self.residual_router
-        rho = router(x) if self.role == "A" else router.last_rho  # the query comes from the layer input, A's input
+        if self.role == "A":  # the query comes from the layer input, A's input
+            # the module's output, not the tensor its forward kept: DeepSpeed ZeRO-3 hooks the output so that the
+            # router's parameters are gathered again for the backward pass
+            router.last_rho = router(x)
         if not self.routed:
             return F.linear(x, self.weight)
         w0 = self.w0.to(self.weight.dtype)
         rank = self.weight.shape[self.rank_dim]
-        rho_rank = eq.expand_slots_to_rank(rho, rank).to(x.dtype)
-        rho_rank = _over_tokens(rho_rank, x) if router.examples is None else router.examples.per_token(rho_rank)
+        rho_rank = router.rank_plasticity(rank).to(x.dtype)  # (S, r)
+        examples = router.examples
+        if examples is None or examples.row_weights is not None:
+            executing = eq.residual_executing_factor(w0, self.weight, rho_rank, self.rank_dim)  # (S, rows, cols)
+            if x.dim() == 2:  # one (T, d) sequence
+                return F.linear(x, executing[0])
+            rows = x.reshape(-1, *x.shape[-2:])
+            return torch.bmm(rows, executing.transpose(1, 2)).reshape(*x.shape[:-1], executing.shape[1])
+        rho_tokens = examples.per_token(rho_rank)  # (B, T, r), zeros on padding
         if self.role == "A":
             frozen, carried = F.linear(x, torch.cat([w0, self.weight])).chunk(2, dim=-1)
-            return frozen + rho_rank * (carried - frozen)
-        plastic = rho_rank * x
+            return frozen + rho_tokens * (carried - frozen)
+        plastic = rho_tokens * x
         return F.linear(torch.cat([x - plastic, plastic], dim=-1), torch.cat([w0, self.weight], dim=1))
 
     def executing_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -331,8 +401,8 @@ class ProgramFactor(nn.Module):
         if self.formulation != "residual" or not self.routed:
             return None
         shape = getattr(self.weight, "ds_shape", self.weight.shape)  # a ZeRO-3 parameter is empty outside a gather
-        rho_rank = eq.expand_slots_to_rank(self.residual_router.mean_rho(), shape[self.rank_dim])
-        return self.weight, self.w0, eq.residual_consolidation_pull(rho_rank, self.ema_lambda, self.rank_dim)
+        pull = self.residual_router.consolidation_pull(shape[self.rank_dim], self.ema_lambda)
+        return self.weight, self.w0, eq.along_rank(pull, self.rank_dim)
 
     @torch.no_grad()
     def consolidate(self, engine: Any = None) -> None:

@@ -22,7 +22,9 @@ from torch import nn
 
 from procl.config import ProCLConfig
 from procl.distributed import all_reduce_mean, lerp_full
-from procl.layer import FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, TokenExamples, reference_mlp
+from procl import equations as eq
+from procl.layer import (FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, TokenExamples, pending_statistics,
+                         reference_mlp)
 
 ROUTER_ATTRIBUTE = "procl_router"
 
@@ -119,7 +121,7 @@ def _sync_routing(model: nn.Module) -> bool:
     routers = _routers(model)
     if not routers or not routers[0].has_pending():
         return False
-    pending = [router.pending() for router in routers]
+    pending = pending_statistics(routers)
     synced = all_reduce_mean(torch.cat(pending))
     for router, part in zip(routers, synced.split([p.numel() for p in pending])):
         router.commit(part)
@@ -166,15 +168,14 @@ def detach_program_memory(
 
 
 def protection_loss(model: nn.Module) -> torch.Tensor | None:
-    """Sum over residual routers of sum_n u_n ā_n for the last forward pass (None before one). A router whose
-    earlier usage is all zero adds a zero term: testing for it (`.any()`) would cost a host sync per router and
-    step on a GPU."""
-    terms = [
-        router.protection_loss()
-        for router in _routers(model)
-        if isinstance(router, ResidualRouter) and router.last_mean_attention is not None
-    ]
-    return torch.stack(terms).sum() if terms else None
+    """Sum over residual routers of sum_n u_n r̄_n for the last forward pass (None before one), stacked over the
+    routers. A router whose earlier usage is all zero adds a zero term: testing for it (`.any()`) would cost a host
+    sync per router and step on a GPU."""
+    routers = [router for router in _routers(model) if isinstance(router, ResidualRouter) and router.protected is not None]
+    if not routers:
+        return None
+    routed = torch.stack([router.protected for router in routers]).mean(dim=1)  # (routers, N)
+    return eq.protection_loss(routed, torch.stack([router.earlier_usage for router in routers]))
 
 
 def routing_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -64,6 +64,23 @@ def test_routing_queries_average_an_examples_own_tokens_not_the_rows_padding():
         examples.mean(torch.randn(2, 4, 3))
 
 
+def test_unpacked_rows_route_each_row_as_its_example_and_layers_on_one_input_share_its_means():
+    """One example a row (padding aside): the means are the same as packed rows get, taken by one batched matmul, and
+    per-example values broadcast over each row's tokens; q/k/v (gate/up) read one tensor, whose means are taken once."""
+    x = torch.randn(2, 5, 3)
+    segments = torch.tensor([[0, 0, 0, 0, -1], [1, 1, -1, -1, -1]])
+    examples = TokenExamples.of(segments)
+    assert examples.row_weights is not None
+    means = examples.mean(x)
+    torch.testing.assert_close(means, torch.stack([x[0, :4].mean(0), x[1, :2].mean(0)]))
+    assert examples.mean(x) is means
+    again = examples.mean(x.clone())
+    assert again is not means
+    torch.testing.assert_close(again, means)
+    assert examples.per_token(torch.tensor([[1.0], [2.0]])).shape == (2, 1, 1)
+    assert TokenExamples.of(torch.tensor([[1, 1, -1], [0, 0, 0]])).row_weights is None  # example 1 in row 0
+
+
 def _trained_strategy(name: str, make_model, options: dict):
     """A strategy on its second task (ProCL: program memory attached) with W moved off W0 and the slot keys off
     zero (uniform routing whatever the query), so that routing changes the loss and gets gradient."""
