@@ -95,20 +95,23 @@ def write_full(param: torch.nn.Parameter, value: torch.Tensor, *, engine: Any = 
     param.data.copy_(value)
 
 
+@torch.no_grad()
 def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]], *, engine: Any = None) -> None:
     """For each (param, end, weight): param <- param + weight * (end - param), elementwise (`end` and `weight`
     broadcast to the whole parameter), on the master copy and the model copy, as `write_full(read_full(...))`
-    would, but with one collective for all of them.
+    would, but with one collective for all of them (per ZeRO kind) instead of one or two per parameter.
 
-    ZeRO-1/2 (and BF16_Optimizer): each rank updates the fragments of the fp32 masters it owns, one all-reduce
-    gives every rank every updated master, and the model copies are cast from them, exactly as an optimizer step
-    leaves them; `read_full` / `write_full` per parameter would all-reduce each parameter. A float32 parameter
-    that is its own master (plain, or ZeRO-0 in fp32) is updated in place. The rest (ZeRO-3, ZeRO-0 with a bf16/fp16
-    master, a plain low-precision parameter) go one by one through `read_full` and `write_full`, with their rules.
+    Each rank pulls the part of each fp32 master it owns, and the model copies are cast from the masters, exactly
+    as an optimizer step leaves them: under ZeRO-1/2 (and BF16_Optimizer) one all-reduce gives every rank every
+    updated master; under ZeRO-3 a rank's model shard is cast from its master shard, and one all-gather refreshes
+    the parameters a rank holds gathered. A float32 parameter that is its own master (plain, or ZeRO-0 in fp32) is
+    updated in place. The rest (ZeRO-0 with a bf16/fp16 master, a ZeRO-3 parameter frozen when the engine was built,
+    a plain low-precision parameter) go one by one through `read_full` and `write_full`, with their rules.
     Collective under DeepSpeed: every rank calls it with the same parameters in the same order.
     """
     fragmented = [update for update in updates if hasattr(update[0], "_hp_mapping") and not hasattr(update[0], "ds_id")]
-    batched = {id(param) for param, _, _ in fragmented}
+    sharded = [update for update in updates if hasattr(update[0], "ds_id") and _zero3_has_master(update[0])]
+    batched = {id(param) for param, _, _ in fragmented + sharded}
     for param, end, weight in updates:
         if id(param) in batched:
             continue
@@ -117,12 +120,18 @@ def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor
             continue
         value = read_full(param, engine=engine)
         write_full(param, value.lerp_(end.to(value.device, torch.float32), weight.to(value.device, torch.float32)), engine=engine)
-    if not fragmented:
-        return
+    if fragmented:
+        _lerp_fragmented(fragmented)
+    if sharded:
+        _lerp_sharded(sharded)
+
+
+def _lerp_fragmented(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
+    """ZeRO-1/2: the fragments of the masters this rank owns, then one all-reduce for every model copy."""
     # the updated masters, each element written by the one rank that owns it and summed over the ranks
-    masters = torch.zeros(sum(param.numel() for param, _, _ in fragmented), dtype=torch.float32, device=fragmented[0][0].device)
+    masters = torch.zeros(sum(param.numel() for param, _, _ in updates), dtype=torch.float32, device=updates[0][0].device)
     offset = 0
-    for param, end, weight in fragmented:
+    for param, end, weight in updates:
         mapping = param._hp_mapping  # None on a rank that owns no part of this parameter's master
         if mapping is not None:
             start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
@@ -133,9 +142,47 @@ def lerp_full(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor
             masters.narrow(0, offset + start, numel).copy_(fragment.data)
         offset += param.numel()
     if is_distributed():
-        dist.all_reduce(masters, group=fragmented[0][0]._dp_group)
-    for (param, _, _), master in zip(fragmented, masters.split([param.numel() for param, _, _ in fragmented])):
+        dist.all_reduce(masters, group=updates[0][0]._dp_group)
+    for (param, _, _), master in zip(updates, masters.split([param.numel() for param, _, _ in updates])):
         param.data.copy_(master.view_as(param))
+
+
+def _lerp_sharded(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]]) -> None:
+    """ZeRO-3: this rank's shard of each master, and the model shard (`ds_tensor`) cast from it, which the next
+    gather reads. A parameter a rank holds gathered (a small "persistent" one, or one DeepSpeed keeps for reuse) is
+    read without a gather, so it is rebuilt from one all-gather of every updated master shard. Every rank joins that
+    all-gather whatever it holds: which parameters are gathered can differ between ranks."""
+    from deepspeed import comm as ds_dist
+    from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+    group = updates[0][0].ds_process_group
+    rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
+    for param, end, weight in updates:
+        shard = param.partition_numel()
+
+        def local(full: torch.Tensor) -> torch.Tensor:  # this rank's shard of the flattened tensor, padding zeros
+            padded = torch.zeros(shard * world, dtype=torch.float32, device=param.ds_tensor.device)
+            padded[: param.ds_numel] = full.detach().to(padded.device, torch.float32).expand(param.ds_shape).reshape(-1)
+            return padded.narrow(0, rank * shard, shard)
+
+        with _trainable(param):
+            master = safe_get_local_fp32_param(param).lerp(local(end), local(weight))  # a zero weight keeps the padding
+            safe_set_local_fp32_param(param, master)
+        param.ds_tensor.data.copy_(master)
+    # the model shards, in the model's dtype: half the bytes of the masters' in bf16, and the same values
+    shards = torch.cat([param.ds_tensor.data.reshape(-1) for param, _, _ in updates])
+    every_rank = torch.empty(world * shards.numel(), dtype=shards.dtype, device=shards.device)
+    if world > 1:
+        dist.all_gather_into_tensor(every_rank, shards, group=group)
+    else:
+        every_rank.copy_(shards)
+    every_rank = every_rank.view(world, -1)
+    offset = 0
+    for param, _, _ in updates:
+        shard = param.ds_tensor.numel()
+        if param.data.numel() == param.ds_numel:  # held gathered on this rank
+            param.data.copy_(every_rank[:, offset : offset + shard].reshape(-1)[: param.ds_numel].view(param.ds_shape))
+        offset += shard
 
 
 def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:

@@ -217,6 +217,12 @@ def _check_write_survives_forward_and_step(deepspeed, case: tuple, freeze: str) 
         lerp_full([pull, pull], **kw)
     if stage in (1, 2) and freeze != "at_init":
         assert collectives == (["all_reduce"] if is_distributed() else []), collectives
+    elif stage == 3 and freeze != "at_init":  # one all-gather, on every rank whatever it holds gathered
+        assert collectives == (["all_gather_into_tensor"] if is_distributed() else []), collectives
+    if stage == 3 and freeze == "no":  # the model's shard, which a later gather reads, is cast from the master's shard
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        assert torch.equal(target.ds_tensor, safe_get_local_fp32_param(target).to(target.ds_tensor.dtype))
     quartered = after["fc2.weight"] / 4
     assert torch.equal(read_full(target, **kw), quartered)
     with torch.no_grad():
