@@ -135,10 +135,11 @@ class _RoutingStatistics(nn.Module):
 def pending_statistics(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
     """The pending statistic of each router (in order), computed together for routers of one kind: a model's
     routers all record the same passes, so a few stacked ops serve them all rather than a few ops per router."""
+    statistics = [torch.zeros_like(router.task_sum) for router in routers]  # a router with no pass yet: zeros
     kinds: dict[Any, list[int]] = {}
     for index, router in enumerate(routers):
-        kinds.setdefault(type(router).statistics_of, []).append(index)
-    statistics: list[torch.Tensor] = [torch.empty(0)] * len(routers)
+        if router.recorded:
+            kinds.setdefault(type(router).statistics_of, []).append(index)
     for statistics_of, indices in kinds.items():
         for index, statistic in zip(indices, statistics_of([routers[i] for i in indices])):
             statistics[index] = statistic

@@ -234,6 +234,8 @@ def test_routing_statistics_average_the_steps_since_the_last_consolidation():
     model = strategy.build(tiny_llama())
     run_task(model, strategy, 0)
     strategy.before_task(model, 1)
+    untrained = strategy.routing_statistics(model)  # before any pass: zeros, not an error
+    assert all(set(layer["slot_usage"]) == {0.0} for layer in untrained.values())
     train_steps(model, strategy, 3, seed=4)
     stats = strategy.routing_statistics(model)
     assert len(stats) == 4  # one residual router per LoRA layer
