@@ -156,17 +156,11 @@ def _lerp_sharded(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Te
     from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
     group = updates[0][0].ds_process_group
-    rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
+    world = ds_dist.get_world_size(group=group)
     for param, end, weight in updates:
-        shard = param.partition_numel()
-
-        def local(full: torch.Tensor) -> torch.Tensor:  # this rank's shard of the flattened tensor, padding zeros
-            padded = torch.zeros(shard * world, dtype=torch.float32, device=param.ds_tensor.device)
-            padded[: param.ds_numel] = full.detach().to(padded.device, torch.float32).expand(param.ds_shape).reshape(-1)
-            return padded.narrow(0, rank * shard, shard)
-
         with _trainable(param):
-            master = safe_get_local_fp32_param(param).lerp(local(end), local(weight))  # a zero weight keeps the padding
+            # a zero weight keeps the padding
+            master = safe_get_local_fp32_param(param).lerp(_local_shard(param, end), _local_shard(param, weight))
             safe_set_local_fp32_param(param, master)
         param.ds_tensor.data.copy_(master)
     # the model shards, in the model's dtype: half the bytes of the masters' in bf16, and the same values
@@ -183,6 +177,21 @@ def _lerp_sharded(updates: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Te
         if param.data.numel() == param.ds_numel:  # held gathered on this rank
             param.data.copy_(every_rank[:, offset : offset + shard].reshape(-1)[: param.ds_numel].view(param.ds_shape))
         offset += shard
+
+
+def _local_shard(param: torch.nn.Parameter, full: torch.Tensor) -> torch.Tensor:
+    """This rank's fp32 shard of `full` (broadcast to the ZeRO-3 parameter's whole shape, flattened, zero-padded to
+    the ranks' equal shards), as DeepSpeed partitions the parameter. Not safe_set_full_fp32_param's own slicing: in
+    0.19.8 it narrows the unpadded value by the padded shard size and fails on the last rank when the numel does not
+    divide by the world size."""
+    from deepspeed import comm as ds_dist
+
+    group = param.ds_process_group
+    rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
+    shard = param.partition_numel()
+    padded = torch.zeros(shard * world, dtype=torch.float32, device=param.ds_tensor.device)
+    padded[: param.ds_numel] = full.detach().to(padded.device, torch.float32).expand(param.ds_shape).reshape(-1)
+    return padded.narrow(0, rank * shard, shard)
 
 
 def _fp32_copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -249,20 +258,12 @@ def _read_zero3(param: torch.nn.Parameter) -> torch.Tensor:
 
 def _write_zero3(param: torch.nn.Parameter, value: torch.Tensor) -> None:
     import deepspeed
-    from deepspeed import comm as ds_dist
     from deepspeed.utils import safe_set_local_fp32_param
 
     if _zero3_has_master(param):
-        # Write this rank's fp32 shard. Not safe_set_full_fp32_param: in 0.19.8 it narrows the
-        # unpadded value by the padded shard size and fails on the last rank when the numel does
-        # not divide by the world size.
-        group = param.ds_process_group
-        rank, world = ds_dist.get_rank(group=group), ds_dist.get_world_size(group=group)
-        shard = param.partition_numel()
-        padded = torch.zeros(shard * world, dtype=torch.float32, device=value.device)
-        padded[: value.numel()] = value.flatten()
+        # Write this rank's fp32 shard (`_local_shard`).
         with _trainable(param):
-            safe_set_local_fp32_param(param, padded.narrow(0, rank * shard, shard))
+            safe_set_local_fp32_param(param, _local_shard(param, value))
     # The model copy: gather, overwrite, and on exit rank 0's tensor is broadcast and re-sharded
     # into ds_tensor. Writing ds_tensor alone would miss "persistent" (small) parameters, which
     # stay gathered between forwards; this re-shards them too and they are gathered on next use.

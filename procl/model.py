@@ -20,9 +20,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from procl import equations as eq
 from procl.config import ProCLConfig
 from procl.distributed import all_reduce_mean, lerp_full
-from procl import equations as eq
 from procl.layer import (FixedRouter, MLPFactor, ProgramFactor, ResidualRouter, TokenExamples, pending_statistics,
                          reference_mlp)
 
