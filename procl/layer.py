@@ -9,6 +9,9 @@ plain linear map with W, so the model is an ordinary LoRA at inference.
 Routers hold the per-task routing parameters (query encoder, slot keys, slot gates) and the
 routing statistics that consolidation needs. They are called as modules (never through helper
 methods) so that DeepSpeed ZeRO-3 gathers their partitioned parameters in its forward hooks.
+A router's parameters are one flat Parameter (`packed`), viewed by name: DeepSpeed hooks, gathers
+and steps each parameter on its own, and six small tensors a router were most of ZeRO-3's extra
+optimizer step (benchmarks/README.md, consolidation_cost).
 """
 
 from __future__ import annotations
@@ -28,9 +31,18 @@ from procl.distributed import read_full, write_full
 Role = Literal["A", "B"]
 
 
-def query_encoder(d_in: int, key_dim: int, num_queries: int) -> nn.Sequential:
-    """Linear d_in -> d_k, tanh, Linear d_k -> num_queries * d_k."""
-    return nn.Sequential(nn.Linear(d_in, key_dim), nn.Tanh(), nn.Linear(key_dim, num_queries * key_dim))
+def query_encoder(d_in: int, key_dim: int, num_queries: int) -> dict[str, torch.Tensor]:
+    """Initial tensors of the query encoder, Linear d_in -> d_k, tanh, Linear d_k -> num_queries * d_k
+    (torch's Linear initialisation; named as the layers of an nn.Sequential of the three)."""
+    first, second = nn.Linear(d_in, key_dim), nn.Linear(key_dim, num_queries * key_dim)
+    return {"encoder.0.weight": first.weight, "encoder.0.bias": first.bias,
+            "encoder.2.weight": second.weight, "encoder.2.bias": second.bias}
+
+
+def encode_queries(parameters: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The query encoder of `query_encoder`'s tensors applied to x (..., d_in)."""
+    hidden = torch.tanh(F.linear(x, parameters["encoder.0.weight"], parameters["encoder.0.bias"]))
+    return F.linear(hidden, parameters["encoder.2.weight"], parameters["encoder.2.bias"])
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,25 @@ class _RoutingStatistics(nn.Module):
     def task_mean(self) -> torch.Tensor:
         return self.task_sum / self.task_count.clamp_min(1)
 
+    def _pack(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Hold `tensors` as one flat Parameter, `packed`, in this order; `unpacked()` views it by name. A state dict
+        with the tensors under their own names (written before routers were packed) loads into it."""
+        self._layout = [(name, tuple(tensor.shape)) for name, tensor in tensors.items()]
+        self.packed = nn.Parameter(torch.cat([tensor.detach().reshape(-1) for tensor in tensors.values()]))
+        self.register_load_state_dict_pre_hook(_RoutingStatistics._pack_named_tensors)
+
+    def unpacked(self, flat: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The router's parameters by name: views of `packed`, sliced at each call (ZeRO-3 swaps its storage);
+        or the same views of another flat tensor of its size (its gradient, say)."""
+        parts = (self.packed if flat is None else flat).split([math.prod(shape) for _, shape in self._layout])
+        return {name: part.view(shape) for (name, shape), part in zip(self._layout, parts)}
+
+    @staticmethod
+    def _pack_named_tensors(router: _RoutingStatistics, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        names = [prefix + name for name, _ in router._layout]
+        if prefix + "packed" not in state_dict and all(name in state_dict for name in names):
+            state_dict[prefix + "packed"] = torch.cat([state_dict.pop(name).reshape(-1) for name in names])
+
 
 def pending_statistics(routers: list[_RoutingStatistics]) -> list[torch.Tensor]:
     """The pending statistic of each router (in order), computed together for routers of one kind: a model's
@@ -214,22 +245,21 @@ class ResidualRouter(_ResidualRouting):
         super().__init__(n)
         self.key_dim, self.tau = config.key_dim, config.tau
         self.budget = config.plasticity_budget if config.routing == "budgeted" else None
-        self.encoder = query_encoder(d_in, config.key_dim, 1)
         # zero keys: routing starts exactly uniform, so no slot is favoured before the task speaks
-        self.keys = nn.Parameter(torch.zeros(1, n, config.key_dim))
-        self.gate_logits = nn.Parameter(torch.zeros(n))
+        self._pack(query_encoder(d_in, config.key_dim, 1) | {"keys": torch.zeros(1, n, config.key_dim), "gate_logits": torch.zeros(n)})
         usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
         self.register_buffer("earlier_usage", usage)
         self.protected: torch.Tensor | None = None  # (S, N) of the last pass, what the protection loss weighs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """rho (S, N): per-input plasticity of each slot."""
-        queries = self.encoder(self.input_means(x)).reshape(-1, 1, self.key_dim)
-        attention = eq.slot_attention(queries, self.keys, self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
+        parameters = self.unpacked()
+        queries = encode_queries(parameters, self.input_means(x)).reshape(-1, 1, self.key_dim)
+        attention = eq.slot_attention(queries, parameters["keys"], self.tau, scale=1.0 / math.sqrt(self.key_dim))[:, 0]
         if self.budget is None:
-            rho = eq.slot_plasticity(attention, self.gate_logits)
+            rho = eq.slot_plasticity(attention, parameters["gate_logits"])
         else:
-            rho = eq.budgeted_plasticity(attention, self.gate_logits, self.budget)
+            rho = eq.budgeted_plasticity(attention, parameters["gate_logits"], self.budget)
         # budgeted: protect rho, after the gates; learned: the attention (its rho is 1 at the top slot whatever)
         self.protected = attention if self.budget is None else rho
         return self._routed(rho, attention)
@@ -259,19 +289,17 @@ class ReferenceRouter(_RoutingStatistics):
         n = config.num_slots
         super().__init__(n * n + 2)
         self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
-        self.encoder = query_encoder(d_in, config.key_dim, n)
-        self.keys = nn.Parameter(torch.randn(n, n, config.key_dim) * 0.01)
-        self.gate_logits = nn.Parameter(torch.zeros(n))
-        # shape (1,), not a scalar: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
-        self.gamma_logit = nn.Parameter(torch.tensor([eq.gamma_logit_init(w0)]))
+        self._pack(query_encoder(d_in, config.key_dim, n) | {"keys": torch.randn(n, n, config.key_dim) * 0.01, "gate_logits": torch.zeros(n),
+                                                             "gamma_logit": torch.tensor([eq.gamma_logit_init(w0)])})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha (H, N), gamma) for the executing factor of this batch."""
-        queries = self.encoder(self.input_means(x)).reshape(-1, self.num_slots, self.key_dim)
-        attention = eq.slot_attention(queries, self.keys, self.tau)
-        alpha = eq.slot_weights(attention, self.gate_logits)
+        parameters = self.unpacked()
+        queries = encode_queries(parameters, self.input_means(x)).reshape(-1, self.num_slots, self.key_dim)
+        attention = eq.slot_attention(queries, parameters["keys"], self.tau)
+        alpha = eq.slot_weights(attention, parameters["gate_logits"])
         entropy = eq.routing_entropy(attention).mean().reshape(1)
-        gamma = torch.sigmoid(self.gamma_logit)
+        gamma = torch.sigmoid(parameters["gamma_logit"])
         self.recorded.append((torch.cat([alpha.reshape(-1), entropy, gamma]).detach(),))
         return alpha, gamma[0]
 

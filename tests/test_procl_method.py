@@ -140,6 +140,32 @@ def test_shapes_and_gradients_reach_lora_and_routing(formulation):
     assert sum(p.grad.abs().sum().item() for p in routing) > 0
 
 
+@pytest.mark.parametrize("formulation", ["residual", "reference"])
+def test_a_router_is_one_parameter_and_a_state_from_before_packing_restores(formulation):
+    """DeepSpeed hooks, gathers and steps each parameter on its own, so a router's encoder, keys and gates are one
+    flat Parameter. A chain state written before that holds them under their own names, and restores the same router."""
+    strategy = procl_strategy(formulation=formulation)
+    model = strategy.build(tiny_llama())
+    run_task(model, strategy, 0)
+    strategy.before_task(model, 1)
+    train_steps(model, strategy, 1, seed=5)
+    assert all(len(list(router.parameters())) == 1 for router in memory._routers(model))
+    tensors, meta = strategy.state(model)
+    before_packing = {}  # each router tensor under its own name, as states were written before
+    for name, tensor in tensors.items():
+        if name.endswith(".packed"):
+            router = model.get_submodule(name.removesuffix(".packed"))
+            before_packing |= {name.replace("packed", part): value for part, value in router.unpacked(tensor).items()}
+        else:
+            before_packing[name] = tensor
+    assert len(before_packing) > len(tensors)
+    restored_strategy = procl_strategy(formulation=formulation)
+    restored = restored_strategy.build(tiny_llama())
+    restored_strategy.restore_state(restored, before_packing, meta)
+    for router, restored_router in zip(memory._routers(model), memory._routers(restored), strict=True):
+        torch.testing.assert_close(restored_router.packed, router.packed, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("role", ["A", "B"])
 def test_residual_factor_applies_each_inputs_executing_factor_in_its_forward(role):
     """Mid-task (W moved away from W0, routing not uniform) the fused forward is W_exec[b] x for each input b,
@@ -152,7 +178,7 @@ def test_residual_factor_applies_each_inputs_executing_factor_in_its_forward(rol
     linear = torch.nn.Linear(d_in if role == "A" else rank, rank if role == "A" else d_out, bias=False)
     router = ResidualRouter(d_in, config, None)
     with torch.no_grad():
-        router.keys.normal_()  # routing that differs per input
+        router.unpacked()["keys"].normal_()  # routing that differs per input
     factor = ProgramFactor(linear, role, config, router).train()
     with torch.no_grad():
         factor.weight.add_(torch.randn_like(factor.weight))  # W != W0, as after some steps of the task
@@ -252,8 +278,11 @@ def second_task_routed_to_slot_0(**procl_options):
     run_task(model, strategy, 0)
     strategy.before_task(model, 1)
     for router in memory._routers(model):
-        router.gate_logits.data = torch.tensor([30.0, -30.0, -30.0, -30.0])
-        router.gate_logits.requires_grad_(False)
+        with torch.no_grad():
+            router.unpacked()["gate_logits"].copy_(torch.tensor([30.0, -30.0, -30.0, -30.0]))
+        frozen_gates = torch.ones_like(router.packed)
+        router.unpacked(frozen_gates)["gate_logits"].zero_()
+        router.packed.register_hook(lambda grad, mask=frozen_gates: grad * mask)  # the gates do not train
     return strategy, model, {path: f.w0.clone() for path, f in memory.program_factors(model)}
 
 
@@ -364,7 +393,7 @@ def test_budgeted_routing_routes_task_one_so_task_two_protects_it():
     model(input_ids=batch(1))
     strategy.extra_loss(model).backward()
     # on rho, after the gates: the protection's gradient reaches them (on the attention it would not)
-    assert all(router.gate_logits.grad.abs().sum() > 0 for router in memory._routers(model))
+    assert all(router.unpacked(router.packed.grad)["gate_logits"].abs().sum() > 0 for router in memory._routers(model))
 
 
 def test_detach_restores_a_plain_peft_lora_model():
