@@ -5,12 +5,13 @@ and ProCL against each baseline as paired differences with bootstrap intervals.
     .venv/bin/python benchmarks/cl_comparison.py --report     # the tables from what has finished
     .venv/bin/python benchmarks/cl_comparison.py --out runs/clc-quick --quick       # tiny Llama, checks the script
 
-1. Selection: each method at every lr of --lrs on the first order and seed; the lr with the best final
-   *validation* AA (ties: the smaller lr) is its lr, written to <out>/lr_choice.json with every candidate's score.
-2. Chains: each method at its lr on every order x seed, one (order, seed) for all methods at a time, so that
-   the paired comparison grows evenly when the run is stopped.
-Every (method, lr) is a cl_quality folder <out>/<method>/lr-<lr> (MLflow store, runs.jsonl; a re-run skips
-finished chains, so the same command continues after a stop). The default --out, benchmarks/results/comparison,
+1. Selection: each method at every lr of --lrs on the first order and seed (a method with a weight of its own,
+   l2_prev's, at every lr x weight of WEIGHTS); the setting with the best final *validation* AA (ties: the smaller
+   lr, then the larger weight) is its setting, written to <out>/lr_choice.json with every candidate's score.
+2. Chains: each method at its setting on every order x seed, one (order, seed) for all methods at a time, so
+   that the paired comparison grows evenly when the run is stopped.
+Every (method, setting) is a cl_quality folder <out>/<method>/[<weight>-<value>/]lr-<lr> (MLflow store,
+runs.jsonl; a re-run skips finished chains, so the same command continues after a stop). The default --out, benchmarks/results/comparison,
 is in the repository: its .gitignore keeps the small results (runs.jsonl, settings, zero-shot rows, lr choices,
 report) and drops the stores and checkpoints, so that a run spread over sessions on fresh checkouts is committed
 and continued. The first run pins its commit (<out>/commit.txt) and a run from another commit is refused: one
@@ -26,7 +27,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -52,6 +53,8 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "inc_lora": ("inc_lora", []),
     "multitask": ("multitask", []),
 }
+# a method's own weight, chosen on validation together with the lr: (config key, candidates)
+WEIGHTS: dict[str, tuple[str, list[float]]] = {"l2_prev": ("strategy.l2_weight", [1.0, 0.1, 0.01])}
 # the methods the table must have, the new ProCL variant and its closest comparisons first
 REQUIRED = ["procl_budgeted", "seq_lora", "procl", "procl_fixed", "l2_prev", "n_lora", "o_lora"]
 PAIRED_METRICS = {"average_accuracy": "AA", "backward_transfer": "BWT", "forgetting": "forgetting"}
@@ -71,26 +74,50 @@ def pin_commit(out: Path) -> str:
     return head
 
 
-def folder(out: Path, method: str, lr: float) -> Path:
-    return out / method / f"lr-{lr:g}"
+@dataclass(frozen=True)
+class Setting:
+    """One candidate of a method's selection: its lr and, for a method in WEIGHTS, its weight."""
+
+    lr: float
+    weight: float | None = None
+
+    def overrides(self, method: str) -> list[str]:
+        return [f"training.lr={self.lr:g}"] + ([f"{WEIGHTS[method][0]}={self.weight:g}"] if self.weight is not None else [])
+
+    def describe(self, method: str) -> str:
+        return f"lr {self.lr:g}" + (f", {weight_name(method)} {self.weight:g}" if self.weight is not None else "")
 
 
-def run_chains(args: argparse.Namespace, method: str, lr: float, orders: list[str], seeds: list[int]) -> None:
-    """cl_quality.py for one (method, lr) folder: the chains not run yet."""
+def weight_name(method: str) -> str:
+    return WEIGHTS[method][0].rsplit(".", 1)[-1]
+
+
+def candidates(args: argparse.Namespace, method: str) -> list[Setting]:
+    weights = WEIGHTS[method][1] if method in WEIGHTS else [None]
+    return [Setting(lr, weight) for weight in weights for lr in args.lrs]
+
+
+def folder(out: Path, method: str, setting: Setting) -> Path:
+    weight = f"{weight_name(method)}-{setting.weight:g}" if setting.weight is not None else ""
+    return out / method / weight / f"lr-{setting.lr:g}"
+
+
+def run_chains(args: argparse.Namespace, method: str, setting: Setting, orders: list[str], seeds: list[int]) -> None:
+    """cl_quality.py for one (method, setting) folder: the chains not run yet."""
     strategy, overrides = METHODS[method]
-    command = [sys.executable, str(ROOT / "benchmarks" / "cl_quality.py"), "--out", str(folder(args.out, method, lr)),
+    command = [sys.executable, str(ROOT / "benchmarks" / "cl_quality.py"), "--out", str(folder(args.out, method, setting)),
                "--config", str(args.config), "--stream", str(args.stream), "--strategies", strategy,
                "--orders", *orders, "--seeds", *map(str, seeds), "--train", str(args.train),
                "--validation", str(args.validation), "--test", str(args.test), "--threads", str(args.threads),
                "--zero-shot", str(args.out / "zero_shot.json")]
-    for override in [f"training.lr={lr:g}", *args.overrides, *overrides]:
+    for override in [*setting.overrides(method), *args.overrides, *overrides]:
         command += ["--set", override]
-    print(f"== {method} lr {lr:g}: {' '.join(orders)} seeds {' '.join(map(str, seeds))}", flush=True)
+    print(f"== {method} {setting.describe(method)}: {' '.join(orders)} seeds {' '.join(map(str, seeds))}", flush=True)
     subprocess.run(command, check=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
 
 
-def records(out: Path, method: str, lr: float) -> list[dict]:
-    results = folder(out, method, lr) / "runs.jsonl"
+def records(out: Path, method: str, setting: Setting) -> list[dict]:
+    results = folder(out, method, setting) / "runs.jsonl"
     strategy = METHODS[method][0]
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     return [r for r in rows if r["strategy"] == strategy]
@@ -100,36 +127,50 @@ def final_validation_aa(record: dict) -> float:
     return metrics.average_accuracy(record["validation_matrix"])
 
 
-def choose_lr(args: argparse.Namespace, method: str) -> tuple[float | None, dict[str, float]]:
-    """The lr whose selection chain has the best final validation AA, with every finished candidate's score."""
+def choose_setting(args: argparse.Namespace, method: str) -> tuple[Setting | None, dict[Setting, float]]:
+    """The setting whose selection chain has the best final validation AA, with every finished candidate's score."""
     order, seed = args.orders[0], args.seeds[0]
     scores = {}
-    for lr in args.lrs:
-        found = [r for r in records(args.out, method, lr) if r["order"] == order and r["seed"] == seed]
+    for setting in candidates(args, method):
+        found = [r for r in records(args.out, method, setting) if r["order"] == order and r["seed"] == seed]
         if found:
-            scores[f"{lr:g}"] = round(final_validation_aa(found[0]), 4)
-    if len(scores) < len(args.lrs):
+            scores[setting] = round(final_validation_aa(found[0]), 4)
+    if len(scores) < len(candidates(args, method)):
         return None, scores
-    best = max(args.lrs, key=lambda lr: (scores[f"{lr:g}"], -lr))  # ties go to the smaller lr
+    # ties go to the smaller lr, then to the larger weight (the stronger regulariser: a method's own mechanism)
+    best = max(scores, key=lambda s: (scores[s], -s.lr, s.weight or 0.0))
     return best, scores
 
 
+def selection_record(method: str, best: Setting | None, scores: dict[Setting, float], selected_on: str) -> dict:
+    """lr_choice.json's entry: the chosen lr (and weight) and the validation AA of every candidate."""
+    lr = None if best is None else best.lr
+    if method not in WEIGHTS:
+        return {"lr": lr, "validation_aa": {f"{s.lr:g}": aa for s, aa in scores.items()}, "selected_on": selected_on}
+    name = weight_name(method)
+    return {"lr": lr, name: None if best is None else best.weight, "selected_on": selected_on,
+            "validation_aa": {f"{name} {w:g}": {f"{s.lr:g}": aa for s, aa in scores.items() if s.weight == w} for w in WEIGHTS[method][1]}}
+
+
 def report(args: argparse.Namespace, methods: list[str]) -> str:
-    choices = {m: choose_lr(args, m) for m in methods}
-    (args.out / "lr_choice.json").write_text(json.dumps(
-        {m: {"lr": lr, "validation_aa": scores, "selected_on": f"{args.orders[0]} seed {args.seeds[0]}"}
-         for m, (lr, scores) in choices.items()}, indent=1))
-    lines = [f"lr chosen on validation ({args.orders[0]} seed {args.seeds[0]}, final validation AA per lr):", "",
+    choices = {m: choose_setting(args, m) for m in methods}
+    selected_on = f"{args.orders[0]} seed {args.seeds[0]}"
+    (args.out / "lr_choice.json").write_text(json.dumps({m: selection_record(m, best, scores, selected_on) for m, (best, scores) in choices.items()}, indent=1))
+    lines = [f"lr (and l2_prev's weight) chosen on validation ({selected_on}, final validation AA per lr):", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---|" + "---|" * (len(args.lrs) + 1)]
-    for method, (lr, scores) in choices.items():
-        cells = [f"{scores[f'{x:g}']:.3f}" if f"{x:g}" in scores else "—" for x in args.lrs]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'—' if lr is None else f'{lr:g}'} |")
-    chosen = {m: [r for r in records(args.out, m, lr) if r["order"] in args.orders and r["seed"] in args.seeds]
-              for m, (lr, _) in choices.items() if lr is not None}
+    for method, (best, scores) in choices.items():
+        weights = WEIGHTS[method][1] if method in WEIGHTS else [None]
+        for weight in weights:
+            cells = [f"{scores[Setting(lr, weight)]:.3f}" if Setting(lr, weight) in scores else "—" for lr in args.lrs]
+            label = method if weight is None else f"{method}, {weight_name(method)} {weight:g}"
+            chosen = "—" if best is None else (f"{best.lr:g}" if best.weight == weight else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {chosen} |")
+    chosen = {m: [r for r in records(args.out, m, best) if r["order"] in args.orders and r["seed"] in args.seeds]
+              for m, (best, _) in choices.items() if best is not None}
     stream = yaml.safe_load(args.stream.read_text())["name"]
     scored = [replace(chain, label=method, stream=stream) for method, rows in chosen.items() for chain in table_chains(rows, "test")]
     if scored:
-        lines += ["", "At the chosen lr, test split:", "", markdown(scored)]
+        lines += ["", "At the chosen setting, test split:", "", markdown(scored)]
     by_chain = {m: {(r["order"], r["seed"]): metrics.summary(r["matrix"]) for r in rows} for m, rows in chosen.items()}
     for variant in [m for m in by_chain if m.startswith("procl")]:
         lines += ["", f"{variant} minus each method, paired over the chains both ran (mean [95 % bootstrap interval]; "
@@ -174,12 +215,12 @@ def main() -> None:
     if not args.report:
         pin_commit(args.out)
         for method in args.methods:  # 1. selection
-            for lr in args.lrs:
-                run_chains(args, method, lr, args.orders[:1], args.seeds[:1])
+            for setting in candidates(args, method):
+                run_chains(args, method, setting, args.orders[:1], args.seeds[:1])
         for order in args.orders:  # 2. chains, one (order, seed) for every method at a time
             for seed in args.seeds:
                 for method in args.methods:
-                    run_chains(args, method, choose_lr(args, method)[0], [order], [seed])
+                    run_chains(args, method, choose_setting(args, method)[0], [order], [seed])
     print(report(args, args.methods))
 
 
