@@ -51,7 +51,8 @@ class StrategyConfig(_Strict):
     buffer_per_task: int = Field(20, gt=0, description="replay: training examples kept per earlier task")
     lambda1: float = Field(0.5, ge=0, description="o_lora: weight of the orthogonality penalty")
     l1_weight: float = Field(1e-3, ge=0, description="n_lora: weight of the L1 penalty on the task's own LoRA update")
-    l2_weight: float = Field(1.0, ge=0, description="l2_prev: weight of the L2 pull toward the previous task's LoRA factors")
+    l2_weight: float = Field(0.01, ge=0, description="l2_prev: weight of the L2 pull toward the previous task's LoRA factors "
+                             "(0.01: validation's choice of 1, 0.1, 0.01 on the long stream, docs/RESULTS.md)")
 
     @model_validator(mode="after")
     def _known_name(self) -> "StrategyConfig":

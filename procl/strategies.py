@@ -315,7 +315,7 @@ class L2Prev(ContinualStrategy):
     name = "l2_prev"
     ANCHOR_PREFIX = "l2_prev_anchor::"  # the anchor's tensors in the state (a task resumed mid-way keeps its anchor)
 
-    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l2_weight: float = 1.0) -> None:
+    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l2_weight: float = 0.01) -> None:
         super().__init__(lora, seed)
         if l2_weight < 0:
             raise ValueError(f"l2_prev l2_weight must be >= 0, got {l2_weight}")
