@@ -11,8 +11,8 @@ and ProCL against each baseline as paired differences with bootstrap intervals.
 2. Chains: each method at its setting on every order x seed, one (order, seed) for all methods at a time, so
    that the paired comparison grows evenly when the run is stopped.
 Every (method, setting) is a cl_quality folder <out>/<method>/[<weight>-<value>/]lr-<lr> (MLflow store,
-runs.jsonl; a re-run skips finished chains, so the same command continues after a stop). The default --out, benchmarks/results/comparison,
-is in the repository: its .gitignore keeps the small results (runs.jsonl, settings, zero-shot rows, lr choices,
+runs.jsonl; a re-run skips finished chains, so the same command continues after a stop). The default --out,
+benchmarks/results/comparison, is in the repository: its .gitignore keeps the small results (runs.jsonl, settings, zero-shot rows, lr choices,
 report) and drops the stores and checkpoints, so that a run spread over sessions on fresh checkouts is committed
 and continued. The first run pins its commit (<out>/commit.txt) and a run from another commit is refused: one
 table, one version of the code (continue from a worktree at that commit). The report (also <out>/report.md) has
@@ -92,9 +92,13 @@ def weight_name(method: str) -> str:
     return WEIGHTS[method][0].rsplit(".", 1)[-1]
 
 
+def weights(method: str) -> list[float | None]:
+    """The candidates of a method's own weight; [None] for a method without one."""
+    return WEIGHTS[method][1] if method in WEIGHTS else [None]
+
+
 def candidates(args: argparse.Namespace, method: str) -> list[Setting]:
-    weights = WEIGHTS[method][1] if method in WEIGHTS else [None]
-    return [Setting(lr, weight) for weight in weights for lr in args.lrs]
+    return [Setting(lr, weight) for weight in weights(method) for lr in args.lrs]
 
 
 def folder(out: Path, method: str, setting: Setting) -> Path:
@@ -149,18 +153,19 @@ def selection_record(method: str, best: Setting | None, scores: dict[Setting, fl
         return {"lr": lr, "validation_aa": {f"{s.lr:g}": aa for s, aa in scores.items()}, "selected_on": selected_on}
     name = weight_name(method)
     return {"lr": lr, name: None if best is None else best.weight, "selected_on": selected_on,
-            "validation_aa": {f"{name} {w:g}": {f"{s.lr:g}": aa for s, aa in scores.items() if s.weight == w} for w in WEIGHTS[method][1]}}
+            "validation_aa": {f"{name} {w:g}": {f"{s.lr:g}": aa for s, aa in scores.items() if s.weight == w}
+                              for w in weights(method)}}
 
 
 def report(args: argparse.Namespace, methods: list[str]) -> str:
     choices = {m: choose_setting(args, m) for m in methods}
     selected_on = f"{args.orders[0]} seed {args.seeds[0]}"
-    (args.out / "lr_choice.json").write_text(json.dumps({m: selection_record(m, best, scores, selected_on) for m, (best, scores) in choices.items()}, indent=1))
+    selections = {m: selection_record(m, best, scores, selected_on) for m, (best, scores) in choices.items()}
+    (args.out / "lr_choice.json").write_text(json.dumps(selections, indent=1))
     lines = [f"lr (and l2_prev's weight) chosen on validation ({selected_on}, final validation AA per lr):", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---|" + "---|" * (len(args.lrs) + 1)]
     for method, (best, scores) in choices.items():
-        weights = WEIGHTS[method][1] if method in WEIGHTS else [None]
-        for weight in weights:
+        for weight in weights(method):
             cells = [f"{scores[Setting(lr, weight)]:.3f}" if Setting(lr, weight) in scores else "—" for lr in args.lrs]
             label = method if weight is None else f"{method}, {weight_name(method)} {weight:g}"
             chosen = "—" if best is None else (f"{best.lr:g}" if best.weight == weight else "")

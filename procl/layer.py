@@ -246,7 +246,8 @@ class ResidualRouter(_ResidualRouting):
         self.key_dim, self.tau = config.key_dim, config.tau
         self.budget = config.plasticity_budget if config.routing == "budgeted" else None
         # zero keys: routing starts exactly uniform, so no slot is favoured before the task speaks
-        self._pack(query_encoder(d_in, config.key_dim, 1) | {"keys": torch.zeros(1, n, config.key_dim), "gate_logits": torch.zeros(n)})
+        self._pack(query_encoder(d_in, config.key_dim, 1)
+                   | {"keys": torch.zeros(1, n, config.key_dim), "gate_logits": torch.zeros(n)})
         usage = torch.zeros(n) if earlier_usage is None else earlier_usage.detach().float().clone()
         self.register_buffer("earlier_usage", usage)
         self.protected: torch.Tensor | None = None  # (S, N) of the last pass, what the protection loss weighs
@@ -289,8 +290,9 @@ class ReferenceRouter(_RoutingStatistics):
         n = config.num_slots
         super().__init__(n * n + 2)
         self.num_slots, self.key_dim, self.tau = n, config.key_dim, config.tau
-        self._pack(query_encoder(d_in, config.key_dim, n) | {"keys": torch.randn(n, n, config.key_dim) * 0.01, "gate_logits": torch.zeros(n),
-                                                             "gamma_logit": torch.tensor([eq.gamma_logit_init(w0)])})
+        self._pack(query_encoder(d_in, config.key_dim, n)
+                   | {"keys": torch.randn(n, n, config.key_dim) * 0.01, "gate_logits": torch.zeros(n),
+                      "gamma_logit": torch.tensor([eq.gamma_logit_init(w0)])})
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha (H, N), gamma) for the executing factor of this batch."""

@@ -155,7 +155,7 @@ def test_a_router_is_one_parameter_and_a_state_from_before_packing_restores(form
     for name, tensor in tensors.items():
         if name.endswith(".packed"):
             router = model.get_submodule(name.removesuffix(".packed"))
-            before_packing |= {name.replace("packed", part): value for part, value in router.unpacked(tensor).items()}
+            before_packing |= {name.removesuffix("packed") + part: value for part, value in router.unpacked(tensor).items()}
         else:
             before_packing[name] = tensor
     assert len(before_packing) > len(tensors)
