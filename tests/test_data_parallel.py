@@ -8,8 +8,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import free_port, one_process_procl_chain, rank_batch, rank_env, tiny_llama
+from conftest import one_process_procl_chain, rank_batch, rank_env, spawn_ranks, tiny_llama
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -55,7 +54,7 @@ def _worker(rank: int, port: int, out_dir: str, formulation: str) -> None:
 
 @pytest.mark.parametrize("formulation", ["residual", "reference"])
 def test_two_ranks_stay_identical_after_many_consolidations(formulation, tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), formulation), nprocs=2, join=True)
+    spawn_ranks(_worker, str(tmp_path), formulation)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
     weights = [k for k in rank0 if not k.startswith("local_stat_")]
     assert weights

@@ -13,8 +13,7 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import batch, free_port, init_deepspeed_gloo, one_process_procl_chain, rank_batch, rank_env, tiny_llama
+from conftest import batch, init_deepspeed_gloo, one_process_procl_chain, rank_batch, rank_env, spawn_ranks, tiny_llama
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -75,7 +74,7 @@ def _worker(rank: int, port: int, out_dir: str, stage: int, bf16: bool, procl: P
 )
 def test_procl_chain_under_deepspeed_zero_keeps_ranks_identical_and_exports(stage, bf16, formulation, routing, tmp_path):
     procl = ProCLConfig(formulation=formulation, routing=routing)
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), stage, bf16, procl), nprocs=2, join=True)
+    spawn_ranks(_worker, str(tmp_path), stage, bf16, procl)
     rank0, rank1 = (load_file(str(tmp_path / f"rank{r}" / TENSORS_FILE)) for r in (0, 1))
     assert rank0.keys() == rank1.keys()
     for key in rank0:

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port, init_deepspeed_gloo, rank_env
+from conftest import free_port, init_deepspeed_gloo, rank_env, spawn_ranks
 from torch import nn
 
 from procl.distributed import all_reduce_mean, is_distributed, lerp_full, read_full, write_full
@@ -59,7 +58,7 @@ def _all_reduce_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_reduce_mean_two_gloo_ranks(tmp_path: Path) -> None:
-    mp.spawn(_all_reduce_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_all_reduce_worker, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in ("mean", "mean_bf16"):
         assert torch.equal(results[0][key], results[1][key]), key
@@ -276,7 +275,7 @@ def _two_rank_deepspeed_worker(rank: int, port: int) -> None:
 
 def test_write_full_two_ranks() -> None:
     """The same checks with 2 DeepSpeed ranks, where masters and ZeRO-3 shards are really split."""
-    mp.spawn(_two_rank_deepspeed_worker, args=(free_port(),), nprocs=2, join=True)
+    spawn_ranks(_two_rank_deepspeed_worker)
 
 
 def test_plain_parameter_round_trip() -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import batch, free_port, init_deepspeed_gloo, rank_env
+from conftest import batch, init_deepspeed_gloo, rank_env, spawn_ranks
 
 from pipeline.chain import steps_per_task
 from pipeline.config import load_config
@@ -76,7 +75,7 @@ def _schedule_worker(rank: int, port: int, out: str) -> None:
 
 def test_the_lr_schedule_warms_up_decays_and_resumes_mid_task_where_it_was(tmp_path):
     out = tmp_path / "lrs.json"
-    mp.spawn(_schedule_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    spawn_ranks(_schedule_worker, str(out), nprocs=1)
     seen = json.loads(out.read_text())
     # linear warm-up over 2 steps, then linear decay to 0 at the task's 6th step, stepped by DeepSpeed's engine
     expected = [0.0, 0.005, 0.01, 0.0075, 0.005, 0.0025]
@@ -104,7 +103,7 @@ def _masters_worker(rank: int, port: int, out: str) -> None:
 
 def test_a_bf16_task_resumed_mid_way_goes_on_from_the_fp32_masters_of_its_checkpoint(tmp_path):
     out = tmp_path / "masters.json"
-    mp.spawn(_masters_worker, args=(free_port(), str(out)), nprocs=1, join=True)
+    spawn_ranks(_masters_worker, str(out), nprocs=1)
     seen = json.loads(out.read_text())
     assert seen["built"] != seen["state"]  # the engine builds its masters from the bf16 weights: rounded
     assert seen["restored"] == seen["state"]
@@ -147,7 +146,7 @@ def _step_loss_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_the_loss_of_an_optimizer_step_is_averaged_over_its_micro_batches_and_the_ranks(tmp_path):
-    mp.spawn(_step_loss_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_step_loss_worker, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["micro"] != ranks[1]["micro"]  # the ranks ran different data
     expected = [sum(r["micro"][2 * step] + r["micro"][2 * step + 1] for r in ranks) / 4 for step in range(3)]

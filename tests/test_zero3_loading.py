@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import free_port, init_deepspeed_gloo, rank_env
+from conftest import init_deepspeed_gloo, rank_env, spawn_ranks
 from safetensors.torch import load_file
 
 from pipeline.config import load_config
@@ -191,7 +190,7 @@ def outcome(tmp_path_factory) -> Path:
                 weight.normal_(0, 0.5)
     model.save_pretrained(out / "lively")
     tokenizer.save_pretrained(out / "lively")
-    mp.spawn(_worker, args=(free_port(), str(out / "model"), str(out / "lively"), str(out)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(out / "model"), str(out / "lively"), str(out))
     return out
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from conftest import batch, free_port, init_deepspeed_gloo, rank_env, tiny_llama
+from conftest import batch, init_deepspeed_gloo, rank_env, spawn_ranks, tiny_llama
 from peft import PeftModel
 
 from pipeline.config import ConfigError, load_config
@@ -134,7 +133,7 @@ def render_table(outcomes: dict[str, str]) -> str:
 
 
 def test_every_strategy_under_every_zero_stage(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_ranks(_worker, str(tmp_path))
     outcomes = json.loads((tmp_path / "outcomes.json").read_text())
     table = render_table(outcomes)
     if os.environ.get("PROCL_WRITE_DOCS") == "1":
