@@ -10,14 +10,17 @@ the ranks.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.config import ChainConfig
@@ -83,18 +86,35 @@ def _stepped_tensors(engine) -> list[torch.Tensor]:
     return list(flat) if flat is not None else [p for group in base_optimizer(engine).param_groups for p in group["params"]]
 
 
+def _trainable_parameters(engine) -> list[list]:
+    """[name, shape] of each trainable parameter of the engine's model: what its optimizer state belongs to
+    (the whole shape under ZeRO-3 too, where a parameter holds only its shard)."""
+    return [[name, list(getattr(p, "ds_shape", p.shape))] for name, p in engine.module.named_parameters() if p.requires_grad]
+
+
 def save_optimizer_state(engine, folder: Path, rank: int) -> None:
-    """This rank's AdamW state (moments and step of its ZeRO partition) as safetensors + a sha256 file."""
+    """This rank's AdamW state (moments and step of its ZeRO partition) as safetensors + a sha256 file, with the
+    trainable parameters it belongs to in the file's metadata."""
     state = base_optimizer(engine).state
     tensors = {f"{index}.{name}": (value if torch.is_tensor(value) else torch.tensor(value)).detach().cpu().contiguous()
                for index, tensor in enumerate(_stepped_tensors(engine)) for name, value in state.get(tensor, {}).items()}
     path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata={"trainable_parameters": json.dumps(_trainable_parameters(engine))})
     path.with_suffix(".sha256").write_text(sha256_file(path))
 
 
-def read_optimizer_state(folder: Path, rank: int) -> dict[int, dict[str, torch.Tensor]] | None:
+@dataclass(frozen=True)
+class SavedOptimizerState:
+    """A rank's AdamW state read from a checkpoint: moments and step by stepped tensor, and the trainable
+    parameters it was saved for (None in a checkpoint written before they were recorded)."""
+
+    path: Path
+    tensors: dict[int, dict[str, torch.Tensor]]
+    trainable_parameters: list[list] | None
+
+
+def read_optimizer_state(folder: Path, rank: int) -> SavedOptimizerState | None:
     """A rank's saved AdamW state (None if the checkpoint has none for it); refuses an altered file."""
     path = folder / OPTIMIZER / f"rank_{rank}.safetensors"
     if not path.is_file():
@@ -102,24 +122,36 @@ def read_optimizer_state(folder: Path, rank: int) -> dict[int, dict[str, torch.T
     digest = path.with_suffix(".sha256")
     if not digest.is_file() or sha256_file(path) != digest.read_text().strip():
         raise ValueError(f"{path} does not match its recorded sha256: truncated or altered; it will not be loaded")
-    state: dict[int, dict[str, torch.Tensor]] = {}
+    tensors: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(path)).items():
         index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    return state
+        tensors.setdefault(int(index), {})[name] = value
+    with safe_open(str(path), "pt") as file:
+        recorded = (file.metadata() or {}).get("trainable_parameters")
+    return SavedOptimizerState(path, tensors, None if recorded is None else json.loads(recorded))
 
 
-def load_optimizer_state(engine, state: dict[int, dict[str, torch.Tensor]]) -> None:
-    """Put saved AdamW state into a fresh engine of the same layout (world size, ZeRO stage, parameters)."""
+def load_optimizer_state(engine, saved: SavedOptimizerState) -> None:
+    """Put saved AdamW state into a fresh engine of the same layout (trainable parameters, world size, ZeRO stage).
+    Refuses state saved for other trainable parameters: moments are kept by position, so they would land on the
+    wrong parameters wherever the shapes happen to agree."""
+    here = _trainable_parameters(engine)
+    if saved.trainable_parameters is not None and saved.trainable_parameters != here:
+        saved_names, names = [n for n, _ in saved.trainable_parameters], [n for n, _ in here]
+        differ = next(((a, b) for a, b in zip(saved.trainable_parameters, here) if a != b), None)
+        detail = (f"first difference: saved {differ[0][0]} {tuple(differ[0][1])}, here {differ[1][0]} {tuple(differ[1][1])}"
+                  if differ else f"saved {len(saved_names)} trainable parameters, here {len(names)}")
+        raise ValueError(f"{saved.path} holds optimizer state for other trainable parameters than this model's ({detail}); "
+                         "was the checkpoint written with another strategy, LoRA config or version of procl?")
     tensors = _stepped_tensors(engine)
-    for index, entry in state.items():
+    for index, entry in saved.tensors.items():
         expected = tensors[index].shape if index < len(tensors) else None
         if expected is None or entry["exp_avg"].shape != expected:
-            raise ValueError(f"saved optimizer state does not fit this worker's partition (tensor {index}: saved "
+            raise ValueError(f"{saved.path} does not fit this worker's optimizer partition (tensor {index}: saved "
                              f"{tuple(entry['exp_avg'].shape)}, here {None if expected is None else tuple(expected)}); "
                              "was the checkpoint written with another num_workers or ZeRO stage?")
     optimizer = base_optimizer(engine)
-    for index, entry in state.items():
+    for index, entry in saved.tensors.items():
         target = tensors[index]
         # moments on the partition's device and dtype; AdamW keeps its step counter as a CPU float32 scalar
         optimizer.state[target] = {name: value if name == "step" else value.to(target.device, target.dtype)

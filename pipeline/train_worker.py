@@ -38,8 +38,8 @@ from pipeline.config import ChainConfig
 from pipeline.memory import WorkerMemory, model_copy_mib, peak_resident_mib, release_freed_memory, resident_mib
 from pipeline.preprocess import TrainingCollate
 from pipeline.ray_workers import verbose
-from pipeline.runtime import (deepspeed_config, inference_engine, init_deepspeed, largest_memory, load_base_model,
-                              load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
+from pipeline.runtime import (SavedOptimizerState, deepspeed_config, inference_engine, init_deepspeed, largest_memory,
+                              load_base_model, load_optimizer_state, lr_schedule, read_optimizer_state, restore_masters,
                               save_optimizer_state, score, settle_precision, train_steps)
 from pipeline.scoring import attach_strategy
 from pipeline.storage import read_state_at
@@ -96,7 +96,7 @@ class ResumePoint:
     position: int  # the first entry of the plan to train (len(plan): none left)
     state: tuple[dict, dict] | None  # strategy state to start from (None: the base model)
     progress: dict[str, Any] | None  # the interrupted task's progress when it resumes mid-task
-    optimizer_state: dict[int, dict[str, torch.Tensor]] | None
+    optimizer_state: SavedOptimizerState | None
     this_fit: bool  # the checkpoint is this fit's: what it reported before (the zero-shot row) is not repeated
 
 

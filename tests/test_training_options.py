@@ -1,12 +1,14 @@
 """Training options of large-model fine-tuning, as the worker loop uses them: activation checkpointing
 (LoRA still gets its gradients), transformers' LR schedules stepped by DeepSpeed and resumed mid-task,
-a step budget per task, the loss of each optimizer step averaged over its micro-batches and the ranks, a bf16 task resumed from its fp32 masters, and FlashAttention-2 refused where it
+a step budget per task, the loss of each optimizer step averaged over its micro-batches and the ranks, a bf16 task resumed from its fp32 masters,
+AdamW state refused for other parameters than it was saved for, and FlashAttention-2 refused where it
 cannot run."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,59 @@ def test_a_bf16_task_resumed_mid_way_goes_on_from_the_fp32_masters_of_its_checkp
     seen = json.loads(out.read_text())
     assert seen["built"] != seen["state"]  # the engine builds its masters from the bf16 weights: rounded
     assert seen["restored"] == seen["state"]
+
+
+def _named_pair(first: str, second: str) -> torch.nn.Module:
+    """Two 4x4 linear layers under the given names: the same shapes, in the same order, named differently."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(OrderedDict([(first, torch.nn.Linear(4, 4)), (second, torch.nn.Linear(4, 4))]))
+
+
+def _optimizer_state_worker(rank: int, port: int, out: str) -> None:
+    """One DeepSpeed rank: AdamW state saved mid-task, loaded into a model with other parameter names, and into
+    the same model from a file written before the trainable parameters were recorded (its metadata stripped)."""
+    os.environ.update(rank_env(rank, 1, port))
+    deepspeed = init_deepspeed_gloo()
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.runtime import OPTIMIZER, deepspeed_config, load_optimizer_state, read_optimizer_state, save_optimizer_state
+    from procl.checkpoint import sha256_file
+
+    config = load_config(None, TINY + ["deepspeed.zero_stage=0", "deepspeed.bf16=false"]).on_device("cpu")
+
+    def engine_of(model: torch.nn.Module):
+        return deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=deepspeed_config(config))[0]
+
+    engine = engine_of(_named_pair("encoder", "decoder"))
+    engine.backward(engine(torch.ones(2, 4)).sum())
+    engine.step()
+    folder = Path(out)
+    save_optimizer_state(engine, folder, 0)
+    outcome = {}
+    try:
+        load_optimizer_state(engine_of(_named_pair("query", "value")), read_optimizer_state(folder, 0))
+        outcome["renamed"] = "loaded"
+    except ValueError as error:
+        outcome["renamed"] = str(error)
+    path = folder / OPTIMIZER / "rank_0.safetensors"
+    save_file(load_file(str(path)), str(path))  # as written before: no metadata
+    path.with_suffix(".sha256").write_text(sha256_file(path))
+    unrecorded = read_optimizer_state(folder, 0)
+    same = engine_of(_named_pair("encoder", "decoder"))
+    load_optimizer_state(same, unrecorded)
+    outcome["unrecorded"] = {"trainable_parameters": unrecorded.trainable_parameters,
+                             "steps": [float(entry["step"]) for entry in same.optimizer.state.values()]}
+    Path(out, "outcome.json").write_text(json.dumps(outcome))
+
+
+def test_optimizer_state_saved_for_other_trainable_parameters_is_refused_naming_its_file(tmp_path):
+    spawn_ranks(_optimizer_state_worker, str(tmp_path), nprocs=1)
+    outcome = json.loads((tmp_path / "outcome.json").read_text())
+    # the same shapes in the same order: only the recorded names tell that the moments belong to other parameters
+    assert str(tmp_path / "optimizer" / "rank_0.safetensors") in outcome["renamed"]
+    assert "other trainable parameters" in outcome["renamed"] and "encoder.weight" in outcome["renamed"]
+    # a checkpoint from before the names were recorded still loads, checked by shape alone
+    assert outcome["unrecorded"] == {"trainable_parameters": None, "steps": [1.0] * 4}
 
 
 class _RecordingEngine:
