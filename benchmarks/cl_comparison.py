@@ -6,8 +6,9 @@ and ProCL against each baseline as paired differences with bootstrap intervals.
     .venv/bin/python benchmarks/cl_comparison.py --out runs/clc-quick --quick       # tiny Llama, checks the script
 
 1. Selection: each method at every lr of --lrs on the first order and seed (a method with a weight of its own,
-   l2_prev's, at every lr x weight of WEIGHTS); the setting with the best final *validation* AA (ties: the smaller
-   lr, then the larger weight) is its setting, written to <out>/lr_choice.json with every candidate's score.
+   l2_prev's, n_lora's and o_lora's, at every lr x weight of WEIGHTS); the setting with the best final *validation*
+   AA (ties: the smaller lr, then the larger weight) is its setting, written to <out>/lr_choice.json with every
+   candidate's score.
 2. Chains: each method at its setting on every order x seed, one (order, seed) for all methods at a time, so
    that the paired comparison grows evenly when the run is stopped.
 Every (method, setting) is a cl_quality folder <out>/<method>/[<weight>-<value>/]lr-<lr> (MLflow store,
@@ -54,7 +55,12 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "multitask": ("multitask", []),
 }
 # a method's own weight, chosen on validation together with the lr: (config key, candidates)
-WEIGHTS: dict[str, tuple[str, list[float]]] = {"l2_prev": ("strategy.l2_weight", [1.0, 0.1, 0.01])}
+# (the first is the default each began at: each lost to seq_lora on validation there, so the grid goes down)
+WEIGHTS: dict[str, tuple[str, list[float]]] = {
+    "l2_prev": ("strategy.l2_weight", [1.0, 0.1, 0.01]),
+    "n_lora": ("strategy.l1_weight", [1e-3, 1e-4, 1e-5]),
+    "o_lora": ("strategy.lambda1", [0.5, 0.05, 0.005]),
+}
 # the methods the table must have, the new ProCL variant and its closest comparisons first
 REQUIRED = ["procl_budgeted", "seq_lora", "procl", "procl_fixed", "l2_prev", "n_lora", "o_lora"]
 PAIRED_METRICS = {"average_accuracy": "AA", "backward_transfer": "BWT", "forgetting": "forgetting"}
@@ -162,7 +168,7 @@ def report(args: argparse.Namespace, methods: list[str]) -> str:
     selected_on = f"{args.orders[0]} seed {args.seeds[0]}"
     selections = {m: selection_record(m, best, scores, selected_on) for m, (best, scores) in choices.items()}
     (args.out / "lr_choice.json").write_text(json.dumps(selections, indent=1))
-    lines = [f"lr (and l2_prev's weight) chosen on validation ({selected_on}, final validation AA per lr):", "",
+    lines = [f"lr (and a method's own weight) chosen on validation ({selected_on}, final validation AA per lr):", "",
              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " | chosen |", "|---|" + "---|" * (len(args.lrs) + 1)]
     for method, (best, scores) in choices.items():
         for weight in weights(method):
