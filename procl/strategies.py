@@ -294,7 +294,7 @@ class NLoRA(IncLoRA):
 
     name = "n_lora"
 
-    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l1_weight: float = 1e-3) -> None:
+    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, l1_weight: float = 1e-5) -> None:
         super().__init__(lora, seed)
         if l1_weight < 0:
             raise ValueError(f"n_lora l1_weight must be >= 0, got {l1_weight}")
