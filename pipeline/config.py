@@ -49,7 +49,8 @@ class StrategyConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     procl: ProCLConfig = Field(default_factory=ProCLConfig)
     buffer_per_task: int = Field(20, gt=0, description="replay: training examples kept per earlier task")
-    lambda1: float = Field(0.5, ge=0, description="o_lora: weight of the orthogonality penalty")
+    lambda1: float = Field(0.005, ge=0, description="o_lora: weight of the orthogonality penalty "
+                           "(0.005: validation's choice of 0.5, 0.05, 0.005 on the long stream, docs/RESULTS.md)")
     l1_weight: float = Field(1e-5, ge=0, description="n_lora: weight of the L1 penalty on the task's own LoRA update "
                              "(1e-5: validation's choice of 1e-3, 1e-4, 1e-5 on the long stream, docs/RESULTS.md)")
     l2_weight: float = Field(0.01, ge=0, description="l2_prev: weight of the L2 pull toward the previous task's LoRA factors "

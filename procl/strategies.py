@@ -273,7 +273,7 @@ class OLoRA(IncLoRA):
 
     name = "o_lora"
 
-    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, lambda1: float = 0.5) -> None:
+    def __init__(self, lora: LoraSettings | None = None, seed: int = 0, lambda1: float = 0.005) -> None:
         super().__init__(lora, seed)
         if lambda1 < 0:
             raise ValueError(f"o_lora lambda1 must be >= 0, got {lambda1}")
