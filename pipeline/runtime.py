@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.config import ChainConfig
 from pipeline.evaluation import Lockstep
@@ -123,10 +123,10 @@ def read_optimizer_state(folder: Path, rank: int) -> SavedOptimizerState | None:
     if not digest.is_file() or sha256_file(path) != digest.read_text().strip():
         raise ValueError(f"{path} does not match its recorded sha256: truncated or altered; it will not be loaded")
     tensors: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(path)).items():
-        index, name = key.split(".", 1)
-        tensors.setdefault(int(index), {})[name] = value
-    with safe_open(str(path), "pt") as file:
+    with safe_open(str(path), "pt") as file:  # one read for the tensors and the metadata
+        for key in file.keys():
+            index, name = key.split(".", 1)
+            tensors.setdefault(int(index), {})[name] = file.get_tensor(key)
         recorded = (file.metadata() or {}).get("trainable_parameters")
     return SavedOptimizerState(path, tensors, None if recorded is None else json.loads(recorded))
 
@@ -137,10 +137,9 @@ def load_optimizer_state(engine, saved: SavedOptimizerState) -> None:
     wrong parameters wherever the shapes happen to agree."""
     here = _trainable_parameters(engine)
     if saved.trainable_parameters is not None and saved.trainable_parameters != here:
-        saved_names, names = [n for n, _ in saved.trainable_parameters], [n for n, _ in here]
         differ = next(((a, b) for a, b in zip(saved.trainable_parameters, here) if a != b), None)
         detail = (f"first difference: saved {differ[0][0]} {tuple(differ[0][1])}, here {differ[1][0]} {tuple(differ[1][1])}"
-                  if differ else f"saved {len(saved_names)} trainable parameters, here {len(names)}")
+                  if differ else f"saved {len(saved.trainable_parameters)} trainable parameters, here {len(here)}")
         raise ValueError(f"{saved.path} holds optimizer state for other trainable parameters than this model's ({detail}); "
                          "was the checkpoint written with another strategy, LoRA config or version of procl?")
     tensors = _stepped_tensors(engine)
